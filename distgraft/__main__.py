@@ -1,0 +1,5 @@
+import sys
+
+from distgraft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,417 @@
+"""Run configuration: frozen dataclasses loaded from TOML plus ``--section.key=value``.
+
+Every field has a docstring (the string literal under it); ``distgraft train --help``
+prints them. Validation happens here, before any process group exists, so that a typo
+costs the user one second and exit code 2 instead of a half-started cluster job.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomllib
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunConfig",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "GraftConfig",
+    "TelemetryConfig",
+    "DistConfig",
+    "load_config",
+    "to_toml",
+    "field_docs",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs"
+    """Parent folder of run folders."""
+    name: str = "default"
+    """Run name; outputs go to DIR/NAME (config.toml, metrics.jsonl, net{k}/)."""
+    seed: int = 0
+    """Base seed; network k uses seed + 1000 * k for init and data order."""
+    epochs: int = 200
+    """Number of training epochs."""
+    resume: bool = True
+    """Continue from the latest epoch that every network completed, if checkpoints exist."""
+    eval_every: int = 1
+    """Evaluate on the test split every this many epochs (and always at the last)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet32"
+    """resnet20/32/56/110 (+ _leaky), mobilenetv2, vgg16_bn, digits_cnn, or torchvision:ARCH."""
+    channels_last: bool = True
+    """Keep conv weights and activations in channels_last memory format (faster on GPUs)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (first epoch pays the compile time)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"
+    """digits | cifar10 | cifar100 | imagenet | synthetic."""
+    root: str = "data"
+    """Folder holding the dataset (torchvision layout for CIFAR, train/ and val/ for ImageNet)."""
+    download: bool = False
+    """Download CIFAR into root when missing (never done silently)."""
+    batch_size: int = 128
+    """Per-process training batch size (the reference code's 128)."""
+    test_batch_size: int = 1000
+    """Evaluation batch size."""
+    augment: bool = True
+    """Random crop (pad 4) and horizontal flip for CIFAR; random-resized crop for ImageNet."""
+    workers: int = 8
+    """DataLoader worker processes (ImageNet only; the other datasets live on the device)."""
+    image_size: int = 224
+    """ImageNet training crop size."""
+    synthetic_shape: tuple[int, ...] = (3, 32, 32)
+    """Image shape of the synthetic dataset (C, H, W)."""
+    synthetic_train: int = 2048
+    """Number of synthetic training images."""
+    synthetic_test: int = 512
+    """Number of synthetic test images."""
+    synthetic_classes: int = 10
+    """Number of synthetic classes."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1
+    """Base learning rate of SGD."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    nesterov: bool = False
+    """Nesterov momentum."""
+    schedule: str = "step"
+    """step (x gamma at milestones) | cosine (annealed per iteration to 0)."""
+    milestones: tuple[int, ...] = ()
+    """Epochs at which the step schedule multiplies lr by gamma; empty: every 60 epochs."""
+    gamma: float = 0.1
+    """Step schedule factor."""
+    difflr: bool = False
+    """Network i of N starts at lr * (1 + cos(pi * (N - i) / N)) / 2 (diversity trick)."""
+    amp: bool = False
+    """bfloat16 autocast on CUDA (ignored on CPU)."""
+
+
+@dataclass(frozen=True)
+class GraftConfig:
+    source: str = "external"
+    """external (ring of networks) | noise | internal | none (baseline: no grafting)."""
+    criterion: str = "entropy"
+    """entropy (histogram entropy of the weights) | l1 (mean absolute weight)."""
+    level: str = "layer"
+    """layer (one alpha per layer, the paper) | filter (one alpha per output filter)."""
+    a: float = 0.4
+    """alpha = a/pi * arctan(c * (H_self - H_peer)) + 0.5 lies in (0.5 - a/2, 0.5 + a/2)."""
+    c: float = 500.0
+    """Slope of the arctan; 500 reproduces the paper (saturates), 1 is smoother."""
+    bins: int = 10
+    """Histogram bins for the entropy criterion."""
+    every: int = 1
+    """Graft every this many epochs (after the epoch's training)."""
+    networks: int = 0
+    """Number of networks N; 0 means one per process (world size). Replicas = world / N."""
+    wire_dtype: str = "float32"
+    """float32 | bfloat16: dtype of floating tensors on the wire (bf16 halves the bytes)."""
+    gamma: float = 0.1
+    """noise/internal sources: filters with L1 norm below gamma are invalid and get scions."""
+    a_noise: float = 0.9
+    """noise source: sigma_t = a_noise ** epoch."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    console: bool = True
+    """Print a line per network per epoch and the final table."""
+    zmq: bool = True
+    """Push events to the collector (rank 0) for `distgraft monitor`."""
+    address: str = "tcp://127.0.0.1:0"
+    """Where the collector receives events (PULL). Port 0 picks a free port."""
+    publish: str = "tcp://127.0.0.1:5558"
+    """Where the collector republishes events for monitors (PUB); next free port if taken."""
+    max_message_bytes: int = 1 << 20
+    """Messages larger than this are dropped by the collector."""
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    timeout_s: float = 300.0
+    """Every blocking collective or P2P wait fails after this many seconds, naming the peer."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    graft: GraftConfig = field(default_factory=GraftConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def milestones(self) -> tuple[int, ...]:
+        """The step schedule's milestones, defaulting to every 60 epochs."""
+        if self.optim.milestones:
+            return self.optim.milestones
+        return tuple(range(60, self.run.epochs, 60))
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "cifar10", "cifar100", "imagenet", "synthetic"),
+    "optim.schedule": ("step", "cosine"),
+    "graft.source": ("external", "noise", "internal", "none"),
+    "graft.criterion": ("entropy", "l1"),
+    "graft.level": ("layer", "filter"),
+    "graft.wire_dtype": ("float32", "bfloat16"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def field_docs() -> dict[str, str]:
+    """'section.key' -> docstring, read from this file's source (for --help)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for section, cls in _section_classes().items():
+        lines = inspect.getsource(cls).splitlines()
+        for i, line in enumerate(lines[:-1]):
+            stripped = line.strip()
+            if ":" in stripped and not stripped.startswith(("@", "class", '"""', "#")):
+                key = stripped.split(":", 1)[0]
+                nxt = lines[i + 1].strip()
+                if nxt.startswith('"""'):
+                    docs[f"{section}.{key}"] = nxt.strip('"')
+    return docs
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a TOML or command-line value to the field's type, or raise ConfigError."""
+    origin = get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            value = [] if text in ("", "[]", "()") else text.strip("[]()").split(",")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r}: expected a list of integers")
+        item = get_args(typ)[0]
+        return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
+
+
+def _parse_cli_value(text: str) -> Any:
+    """Command-line values are typed by the field; TOML-ish lists are accepted too."""
+    try:
+        return ast.literal_eval(text) if text[:1] in "[(" else text
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _build(tree: dict[str, dict[str, Any]]) -> Config:
+    classes = _section_classes()
+    sections = {}
+    for name, values in tree.items():
+        if name not in classes:
+            raise ConfigError(
+                f"unknown config section [{name}]; allowed sections: {', '.join(classes)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of key = value")
+        cls = classes[name]
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key {name}.{key}; allowed keys in [{name}]: {', '.join(hints)}"
+                )
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    if "." not in key:
+        raise ConfigError(f"override {key!r} must look like --section.key=value")
+    section, name = key.split(".", 1)
+    tree.setdefault(section, {})[name] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (optional), apply ``section.key=value`` overrides, validate."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"{p}: top-level key {section!r} must be a [section] table; "
+                    f"allowed sections: {', '.join(SECTIONS)}"
+                )
+            for key, value in values.items():
+                _merge(tree, f"{section}.{key}", value)
+    for item in overrides or []:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        key, value = text.split("=", 1)
+        _merge(tree, key, _parse_cli_value(value))
+    cfg = _build(tree)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check every value; with ``world_size``, also the networks x replicas layout."""
+    from distgraft.models import is_known_model
+
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, value, f"allowed values are {', '.join(allowed)}")
+    _require(
+        is_known_model(cfg.model.name),
+        "model.name",
+        cfg.model.name,
+        "use resnet20/32/56/110 (or _leaky), mobilenetv2, vgg16_bn, digits_cnn, "
+        "or torchvision:ARCH with a torchvision classification architecture",
+    )
+    g, o, r, d = cfg.graft, cfg.optim, cfg.run, cfg.data
+    _require(g.a > 0 and g.a < 1, "graft.a", g.a, "must be in (0, 1) so alpha stays in (0, 1)")
+    _require(g.c > 0 and math.isfinite(g.c), "graft.c", g.c, "must be a positive number")
+    _require(g.bins >= 2, "graft.bins", g.bins, "must be >= 2")
+    _require(g.every >= 1, "graft.every", g.every, "must be >= 1")
+    _require(g.networks >= 0, "graft.networks", g.networks, "must be >= 0 (0: world size)")
+    _require(g.gamma >= 0, "graft.gamma", g.gamma, "must be >= 0")
+    _require(0 < g.a_noise < 1, "graft.a_noise", g.a_noise, "must be in (0, 1)")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
+    _require(all(m > 0 for m in o.milestones), "optim.milestones", o.milestones, "must be > 0")
+    _require(r.epochs >= 1, "run.epochs", r.epochs, "must be >= 1")
+    _require(r.eval_every >= 1, "run.eval_every", r.eval_every, "must be >= 1")
+    _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty folder name")
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _require(d.test_batch_size >= 1, "data.test_batch_size", d.test_batch_size, "must be >= 1")
+    _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _require(
+        len(d.synthetic_shape) == 3 and all(s > 0 for s in d.synthetic_shape),
+        "data.synthetic_shape",
+        d.synthetic_shape,
+        "must be three positive integers [C, H, W]",
+    )
+    _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, ">= 2")
+    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0")
+    _require(
+        cfg.telemetry.max_message_bytes >= 1024,
+        "telemetry.max_message_bytes",
+        cfg.telemetry.max_message_bytes,
+        "must be >= 1024",
+    )
+    if world_size is not None:
+        n = g.networks or world_size
+        _require(
+            n <= world_size and world_size % n == 0,
+            "graft.networks",
+            g.networks,
+            f"must divide the world size {world_size} (replicas = world size / networks)",
+        )
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with some fields of some sections replaced (for tests, benches)."""
+    return replace(cfg, **{s: replace(getattr(cfg, s), **vals) for s, vals in sections.items()})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (written to the run folder; loadable with --config)."""
+    out = []
+    for section in SECTIONS:
+        out.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,63 @@
+"""VGG-16 with BatchNorm for CIFAR (Simonyan & Zisserman, "Very Deep Convolutional Networks
+for Large-Scale Image Recognition", ICLR 2015; BatchNorm per Ioffe & Szegedy 2015).
+
+The grafting paper (Meng et al. 2020) trains VGG16 on CIFAR. The CIFAR form drops the
+ImageNet network's three 4096-wide fully connected layers: after five 2x2 max pools a
+32x32 input is a 1x1x512 feature map, which one Linear(512, num_classes) classifies, as
+in the common CIFAR versions of VGG. Larger inputs are average pooled to 1x1 first; inputs
+smaller than 32x32 do not survive the five pools.
+
+``features`` is one nn.Sequential of (Conv2d 3x3, BatchNorm2d, ReLU) triples and MaxPool2d,
+so parameter names follow torchvision's ``vgg16_bn`` (``features.0.weight``,
+``features.1.running_mean``, ...). Convs carry no bias because a BatchNorm follows each.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["VGG", "vgg16_bn", "VGG16_STAGES"]
+
+# Conv widths of the five stages; each stage ends with a 2x2 max pool. Flattened with "M"
+# for the pools this is the VGG-16 ("D") column of the paper's table 1:
+# 64 64 M 128 128 M 256 256 256 M 512 512 512 M 512 512 512 M.
+VGG16_STAGES: tuple[tuple[int, ...], ...] = (
+    (64, 64),
+    (128, 128),
+    (256, 256, 256),
+    (512, 512, 512),
+    (512, 512, 512),
+)
+
+
+class VGG(nn.Module):
+    def __init__(
+        self, stages: tuple[tuple[int, ...], ...], num_classes: int = 10, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for widths in stages:
+            for w in widths:
+                layers += [
+                    nn.Conv2d(c, w, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True),
+                ]
+                c = w
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(out)
+
+
+def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
+    """VGG-16 with BatchNorm and a single linear classifier, for 32x32 inputs."""
+    return VGG(VGG16_STAGES, num_classes, in_channels)
