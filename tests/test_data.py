@@ -1,0 +1,384 @@
+"""Tests of distgraft.data: splits, determinism, sharding, augmentation, file formats.
+
+Everything runs on CPU with tiny datasets written into tmp_path (CIFAR in torchvision's
+python format, an ImageFolder of PNGs), so the suite needs no download and stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from distgraft.config import DataConfig
+from distgraft.data import (
+    DataError,
+    DataInfo,
+    DeviceLoader,
+    build_data,
+    check_available,
+    epoch_seed,
+)
+
+CPU = torch.device("cpu")
+DIGITS = DataConfig(name="digits", batch_size=128, test_batch_size=100)
+
+
+def _device_data(
+    cfg: DataConfig, seed: int = 0, **kw: int | bool
+) -> tuple[DeviceLoader, DeviceLoader, DataInfo]:
+    """build_data, narrowed to the device-resident loaders these tests inspect."""
+    train, test, info = build_data(cfg, CPU, seed, **kw)  # type: ignore[arg-type]
+    assert isinstance(train, DeviceLoader) and isinstance(test, DeviceLoader)
+    return train, test, info
+
+
+def _epoch(loader: DeviceLoader, epoch: int | None = None) -> list[tuple[Tensor, Tensor]]:
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return list(loader)
+
+
+def _as_uint8(x: Tensor, loader: DeviceLoader) -> Tensor:
+    """Undo the normalisation exactly (the float error is far below half a grey level)."""
+    return torch.round((x * loader.std + loader.mean) * 255).to(torch.uint8)
+
+
+def _same_batches(a: list[tuple[Tensor, Tensor]], b: list[tuple[Tensor, Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_split_sizes_and_stratification() -> None:
+    """The fixed split must be 1437/360 and keep every class's share (within one image)."""
+    from sklearn.datasets import load_digits
+
+    train, test, info = _device_data(DIGITS)
+    assert (info.train_size, info.test_size) == (1437, 360)
+    assert (info.num_classes, info.in_channels, info.image_size) == (10, 1, 8)
+    assert len(train.labels) == 1437 and len(test.labels) == 360
+    total = Counter(load_digits().target.tolist())
+    tr, te = Counter(train.labels.tolist()), Counter(test.labels.tolist())
+    for c, n in total.items():
+        assert abs(tr[c] - n * 1437 / 1797) <= 1
+        assert abs(te[c] - n * 360 / 1797) <= 1
+    assert int(train.images.max()) == 255 and train.images.dtype == torch.uint8
+
+
+def test_digits_batches_shape_dtype_and_epoch_coverage() -> None:
+    """Every training image appears exactly once per epoch; the last partial batch is kept."""
+    train, test, _ = _device_data(DIGITS)
+    batches = _epoch(train, 0)
+    assert len(train) == len(batches) == math.ceil(1437 / 128)
+    assert [len(y) for _, y in batches][-1] == 1437 - 11 * 128
+    for x, y in batches:
+        assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < 10
+    assert torch.equal(torch.sort(train.order()).values, torch.arange(1437))
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == sorted(train.labels.tolist())
+    tb = list(test)
+    assert len(test) == len(tb) == 4 and tb[0][0].shape == (100, 1, 8, 8)
+
+
+def test_digits_order_is_a_pure_function_of_seed_and_epoch() -> None:
+    """Resume-exactness: a fresh loader at epoch e replays the batches of epoch e."""
+    a, _, _ = _device_data(DIGITS, seed=3)
+    b, _, _ = _device_data(DIGITS, seed=3)
+    _epoch(a, 0)  # a has already run an epoch, b is "resumed" straight at epoch 2
+    assert _same_batches(_epoch(a, 2), _epoch(b, 2))
+    assert _same_batches(_epoch(a, 2), _epoch(a, 2))  # iterating twice: same batches
+    order2 = a.order()
+    a.set_epoch(3)
+    assert not torch.equal(order2, a.order())  # another epoch, another order
+    c, _, _ = _device_data(DIGITS, seed=4)
+    c.set_epoch(3)
+    assert not torch.equal(a.order(), c.order())  # another seed, another order
+    fresh, _, _ = _device_data(DIGITS, seed=3)  # no set_epoch: epoch 0
+    assert _same_batches(list(fresh), _epoch(b, 0))
+
+
+def test_documented_permutation() -> None:
+    """Without replicas the order is randperm(N) from a generator seeded epoch_seed(s, e)."""
+    train, _, _ = _device_data(replace(DIGITS, augment=False), seed=7)
+    train.set_epoch(5)
+    g = torch.Generator().manual_seed(epoch_seed(7, 5))
+    assert torch.equal(train.order(), torch.randperm(1437, generator=g))
+    assert epoch_seed(7, 5) != epoch_seed(8, 4) and epoch_seed(-1, 0) >= 0
+
+
+def test_replica_shards_are_disjoint_and_equal_length() -> None:
+    r0, t0, _ = _device_data(DIGITS, seed=1, replica=0, replicas=2)
+    r1, t1, _ = _device_data(DIGITS, seed=1, replica=1, replicas=2)
+    for r in (r0, r1):
+        r.set_epoch(4)
+    o0, o1 = r0.order(), r1.order()
+    assert len(o0) == len(o1) == 1437 // 2
+    assert len(r0) == len(r1) == len(_epoch(r0)) == len(_epoch(r1)) == math.ceil(718 / 128)
+    assert not set(o0.tolist()) & set(o1.tolist())
+    assert len(set(o0.tolist()) | set(o1.tolist())) == 2 * (1437 // 2)
+    assert len(t0.labels) == len(t1.labels) == 360  # every replica evaluates everything
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _crop_candidates(
+    src: np.ndarray, pad: int, flips: tuple[bool, ...]
+) -> dict[tuple[int, int, bool], np.ndarray]:
+    """Reference: every (dy, dx, flip) crop of ``src`` [C, H, W], by plain slicing."""
+    _, h, w = src.shape
+    padded = np.pad(src, ((0, 0), (pad, pad), (pad, pad)))
+    out: dict[tuple[int, int, bool], np.ndarray] = {}
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, dy : dy + h, dx : dx + w]
+            for f in flips:
+                out[(dy, dx, f)] = crop[:, :, ::-1] if f else crop
+    return out
+
+
+def test_augmented_samples_are_crops_and_flips_of_their_source() -> None:
+    """Each augmented sample equals exactly one (offset, flip) transform of its image."""
+    cfg = DataConfig(
+        name="synthetic", synthetic_shape=(3, 16, 16), synthetic_train=96, batch_size=32
+    )
+    train, _, _ = _device_data(cfg, seed=2)
+    train.set_epoch(1)
+    order = train.order()
+    x = torch.cat([_as_uint8(xb, train) for xb, _ in train]).numpy()
+    assert x.shape == (96, 3, 16, 16)
+    used = []
+    for i, src_index in enumerate(order.tolist()):
+        cands = _crop_candidates(train.images[src_index].numpy(), 4, (False, True))
+        hits = [k for k, v in cands.items() if np.array_equal(v, x[i])]
+        assert len(hits) == 1, f"sample {i} is not a pad-4 crop/flip of image {src_index}"
+        used.append(hits[0])
+    assert {f for _, _, f in used} == {False, True}
+    assert len({(dy, dx) for dy, dx, _ in used}) > 10
+    assert any(dy in (0, 8) or dx in (0, 8) for dy, dx, _ in used)  # zero border reached
+
+
+def test_digits_augment_crops_by_one_and_never_flips() -> None:
+    train, _, _ = _device_data(DIGITS, seed=0)
+    x = torch.cat([_as_uint8(xb, train) for xb, _ in _epoch(train, 0)]).numpy()
+    for i, src_index in enumerate(train.order().tolist()):
+        cands = _crop_candidates(train.images[src_index].numpy(), 1, (False,))
+        assert any(np.array_equal(v, x[i]) for v in cands.values())
+
+
+def test_unaugmented_epoch_is_normalised_rows_in_permutation_order() -> None:
+    train, _, _ = _device_data(replace(DIGITS, augment=False), seed=5)
+    x = torch.cat([xb for xb, _ in _epoch(train, 0)])
+    rows = train.images[train.order()].float() / 255
+    expected = (rows - train.mean) / train.std
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+
+
+def test_flip_on_a_known_image() -> None:
+    """Flip-only augmentation returns the image or its exact mirror, both over an epoch."""
+    ramp = torch.arange(2 * 4 * 6, dtype=torch.uint8).view(1, 2, 4, 6)
+    images = ramp.repeat(16, 1, 1, 1)
+    loader = DeviceLoader(
+        images, torch.zeros(16, dtype=torch.int64), (0.0, 0.0), (1.0, 1.0), 8,
+        train=True, flip=True, seed=0,
+    )  # fmt: skip
+    out = torch.cat([_as_uint8(x, loader) for x, _ in loader])
+    flipped = [torch.equal(o, ramp[0].flip(-1)) for o in out]
+    plain = [torch.equal(o, ramp[0]) for o in out]
+    assert len(out) == 16 and all(f or p for f, p in zip(flipped, plain, strict=True))
+    assert any(flipped) and any(plain)
+
+
+def test_crop_flip_and_channels_last_keep_shape() -> None:
+    cfg = DataConfig(name="synthetic", synthetic_train=40, batch_size=16)
+    train, test, _ = _device_data(cfg, channels_last=True)
+    for x, _ in [*train, *test]:
+        assert x.shape[1:] == (3, 32, 32)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        pickle.dump(obj, f)
+
+
+def _write_cifar10(root: Path) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+    """Five train batches of 20 images and a test batch of 10, in torchvision's format."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    xs, ys = [], []
+    for i in range(1, 6):
+        x = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, 20).tolist()
+        _pickle(folder / f"data_batch_{i}", {b"batch_label": b"b", b"data": x, b"labels": y})
+        xs.append(x)
+        ys += y
+    xt = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
+    yt = list(range(10))
+    _pickle(folder / "test_batch", {b"data": xt, b"labels": yt})
+    _pickle(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
+    return np.concatenate(xs), ys, xt, yt
+
+
+def test_cifar10_reads_torchvision_python_format(tmp_path: Path) -> None:
+    xtr, ytr, xte, yte = _write_cifar10(tmp_path)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), batch_size=16, test_batch_size=4)
+    check_available(cfg)
+    train, test, info = _device_data(cfg)
+    assert info == DataInfo(10, 3, 32, 100, 10)
+    assert train.labels.tolist() == ytr and test.labels.tolist() == yte
+    # Pixel order: the row stores the R plane, then G, then B, each row-major 32 x 32.
+    img, c, r, col = 37, 1, 5, 7
+    value = int(xtr[img, c * 1024 + r * 32 + col])
+    assert int(train.images[img, c, r, col]) == value
+    assert torch.equal(train.images.view(100, -1), torch.from_numpy(xtr))
+    x, y = next(iter(test))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    expected = (xte[2, 2 * 1024 + 31 * 32 + 0] / 255 - test.mean[0, 2, 0, 0]) / test.std[0, 2, 0, 0]
+    assert float(x[2, 2, 31, 0]) == pytest.approx(float(expected), abs=1e-5)
+    xb, yb = next(iter(train))
+    assert xb.shape == (16, 3, 32, 32) and yb.dtype == torch.int64 and len(train) == 7
+
+
+def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    x = rng.integers(0, 256, (30, 3072), dtype=np.uint8)
+    fine = [*range(0, 100, 4), 99, 98, 97, 96, 0]
+    coarse = [f // 5 for f in fine]
+    _pickle(folder / "train", {b"data": x, b"fine_labels": fine, b"coarse_labels": coarse})
+    _pickle(folder / "test", {b"data": x[:10], b"fine_labels": fine[:10], b"coarse_labels": []})
+    _pickle(folder / "meta", {b"fine_label_names": [b"f"] * 100})
+    cfg = DataConfig(name="cifar100", root=str(tmp_path), batch_size=8)
+    train, test, info = _device_data(cfg)
+    assert info == DataInfo(100, 3, 32, 30, 10)
+    assert train.labels.tolist() == fine and test.labels.tolist() == fine[:10]
+    assert all(xb.shape[1:] == (3, 32, 32) for xb, _ in train)
+
+
+def test_missing_cifar_names_path_and_flag(tmp_path: Path) -> None:
+    cfg = DataConfig(name="cifar10", root=str(tmp_path / "nowhere"))
+    for call in (lambda: check_available(cfg), lambda: build_data(cfg, CPU, 0)):
+        with pytest.raises(DataError) as err:
+            call()
+        msg = str(err.value)
+        assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in msg
+        assert "data.download" in msg
+    _write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        check_available(replace(cfg, root=str(tmp_path)))
+
+
+def test_unreadable_cifar_file_names_it(tmp_path: Path) -> None:
+    _write_cifar10(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "test_batch"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch"):
+        build_data(DataConfig(name="cifar10", root=str(tmp_path)), CPU, 0)
+
+
+def test_download_calls_torchvision_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With data.download the torchvision class fetches the files, then we read them."""
+    import torchvision
+
+    calls: list[tuple[str, bool]] = []
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append((root, download))
+            _write_cifar10(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path / "dl"), download=True)
+    check_available(cfg)  # missing but downloadable: fine
+    _, _, info = build_data(cfg, CPU, 0)
+    assert calls == [(str(tmp_path / "dl"), True)] and info.train_size == 100
+    build_data(cfg, CPU, 0)
+    assert len(calls) == 1  # present now: no second download
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+
+def _write_image_folder(root: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_imagenet_image_folder_batches(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path)
+    cfg = DataConfig(
+        name="imagenet", root=str(tmp_path), workers=0, image_size=32, batch_size=4,
+        test_batch_size=4,
+    )  # fmt: skip
+    check_available(cfg)
+    train, test, info = build_data(cfg, CPU, seed=0, channels_last=True)
+    assert info == DataInfo(2, 3, 32, 6, 6)
+    assert len(train) == 2 and len(test) == 2
+    train.set_epoch(1)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    xt, yt = next(iter(test))
+    assert xt.shape == (4, 3, 32, 32) and yt.tolist() == [0, 0, 0, 1]
+
+
+def test_imagenet_missing_folder_is_named(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path)
+    for f in (tmp_path / "val").rglob("*.png"):
+        f.unlink()
+    for d in sorted((tmp_path / "val").iterdir()):
+        d.rmdir()
+    (tmp_path / "val").rmdir()
+    cfg = DataConfig(name="imagenet", root=str(tmp_path), workers=0, download=True)
+    for call in (lambda: check_available(cfg), lambda: build_data(cfg, CPU, 0)):
+        with pytest.raises(DataError, match="not supported") as err:
+            call()
+        assert str(tmp_path / "val") in str(err.value)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_follows_config_and_ignores_network_seed() -> None:
+    cfg = DataConfig(
+        name="synthetic", synthetic_shape=(2, 12, 10), synthetic_train=50, synthetic_test=20,
+        synthetic_classes=3, batch_size=16, test_batch_size=8,
+    )  # fmt: skip
+    train, test, info = _device_data(cfg, seed=0)
+    other, _, _ = _device_data(cfg, seed=9)
+    assert info == DataInfo(3, 2, 12, 50, 20)
+    assert torch.equal(train.images, other.images) and torch.equal(train.labels, other.labels)
+    assert set(train.labels.tolist()) == {0, 1, 2}
+    batches = _epoch(train, 0)
+    assert len(batches) == len(train) == 4
+    assert all(x.shape[1:] == (2, 12, 10) for x, _ in batches)
+    assert all(x.shape[1:] == (2, 12, 10) for x, _ in test)
+    # Images under 16 px are not augmented: the batches are the rows in shuffled order.
+    x = torch.cat([_as_uint8(xb, train) for xb, _ in batches])
+    assert torch.equal(x, train.images[train.order()])
