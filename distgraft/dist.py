@@ -1,0 +1,183 @@
+"""Process-group setup from torchrun, SLURM or nothing; the networks x replicas layout.
+
+One process per (network, replica). ``world_size = networks * replicas``; rank r is
+replica ``r % R`` of network ``r // R``. With R > 1 the replicas of a network form a
+DDP group (one network spread over several GPUs, the ImageNet case); R = 1 is the
+paper's setup. The same script runs under torchrun, under a plain ``srun`` (SLURM
+variables mapped like timm does) and alone (world size 1, an in-process store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "LayoutError",
+    "env_ranks",
+    "layout",
+    "init_distributed",
+    "close",
+    "distributed",
+    "barrier",
+]
+
+
+class LayoutError(ValueError):
+    """The networks x replicas layout does not fit the world size."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is: global rank, its network and replica, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    network: int
+    replica: int
+    networks: int
+    replicas: int
+    device: torch.device
+    backend: str = "gloo"
+    network_group: object | None = field(default=None, compare=False, repr=False)
+    """Process group of this network's replicas (for DDP); None when replicas == 1."""
+
+    def rank_of(self, network: int, replica: int | None = None) -> int:
+        """Global rank of ``replica`` (default: this one) of ``network`` (taken mod N)."""
+        j = self.replica if replica is None else replica
+        return (network % self.networks) * self.replicas + j
+
+    @property
+    def predecessor(self) -> int:
+        """Network this one grafts from (ring: k - 1 mod N)."""
+        return (self.network - 1) % self.networks
+
+    @property
+    def successor(self) -> int:
+        return (self.network + 1) % self.networks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_network_lead(self) -> bool:
+        """Replica 0 of its network: writes the network's checkpoints and events."""
+        return self.replica == 0
+
+
+def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int, str]:
+    """(rank, world_size, local_rank, source) from torchrun, SLURM or nothing."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise LayoutError(
+                "running under srun without torchrun needs MASTER_ADDR and MASTER_PORT "
+                "exported by the job script (see launch/slurm/srun_plain.sbatch)"
+            )
+        return (
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            "slurm",
+        )
+    return 0, 1, 0, "single"
+
+
+def layout(rank: int, world_size: int, networks: int = 0) -> tuple[int, int, int, int]:
+    """(network, replica, networks, replicas) of ``rank``; networks 0 means world size."""
+    n = networks or world_size
+    if n < 1 or n > world_size or world_size % n:
+        raise LayoutError(
+            f"graft.networks = {networks} does not fit world size {world_size}: the number "
+            f"of networks must divide the number of processes (replicas = world / networks)"
+        )
+    replicas = world_size // n
+    return rank // replicas, rank % replicas, n, replicas
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(
+    networks: int = 0,
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> DistInfo:
+    """Start the default process group and the per-network groups.
+
+    World size 1 without any launcher gets an in-process store, so the rest of the code
+    never special-cases "not distributed".
+    """
+    rank, world, local_rank, source = env_ranks(env)
+    network, replica, n, r = layout(rank, world, networks)
+    device = _device(local_rank)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise LayoutError("dist.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if source == "single":
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        else:
+            dist.init_process_group(
+                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+            )
+    group = None
+    for k in range(n):  # every rank must create every group, in the same order
+        ranks = list(range(k * r, (k + 1) * r))
+        g = dist.new_group(ranks, timeout=timeout) if r > 1 else None
+        if k == network:
+            group = g
+    return DistInfo(rank, world, local_rank, network, replica, n, r, device, backend, group)
+
+
+def close() -> None:
+    """Tear the process group down (idempotent)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(
+    networks: int = 0, backend: str = "auto", timeout_s: float = 300.0
+) -> Iterator[DistInfo]:
+    """``with distributed(...) as info:`` -- tears down on success and on error."""
+    info = init_distributed(networks, backend, timeout_s)
+    try:
+        yield info
+    finally:
+        close()
+
+
+def barrier(info: DistInfo, timeout_s: float, what: str) -> None:
+    """A barrier that fails after ``timeout_s`` with a message saying what it waited for."""
+    if info.world_size == 1:
+        return
+    work = dist.barrier(async_op=True)
+    try:
+        work.wait(timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise TimeoutError(
+            f"rank {info.rank}: peers did not reach {what} within {timeout_s:.0f} s ({e})"
+        ) from e

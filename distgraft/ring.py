@@ -1,0 +1,250 @@
+"""Communication for grafting: ring exchange, criteria all_gather, signature check.
+
+Each process sends its graftable state to its ring successor and receives its
+predecessor's, with one non-blocking send and one receive per dtype buffer posted
+together (``batch_isend_irecv``: grouped P2P on NCCL) and then waited, so any ring size,
+odd ones included, is deadlock-free. Every wait has a timeout; when it runs out the error
+names the network that did not arrive (looked up in the rendezvous store, where each
+rank marks its arrival) and the epoch, instead of hanging like the reference code's
+polling of checkpoint files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "PeerError",
+    "SignatureError",
+    "ring_exchange",
+    "exchange_buffers",
+    "gather_criteria",
+    "check_signature",
+    "mark_arrival",
+    "flatten_by_dtype",
+    "unflatten_by_dtype",
+]
+
+_ARRIVAL = "distgraft/arrive"
+
+
+class PeerError(RuntimeError):
+    """A peer did not arrive in time (dead, hung, or stuck in a slower epoch)."""
+
+
+class SignatureError(RuntimeError):
+    """Two ranks hold models that cannot be grafted together."""
+
+
+def _store() -> dist.Store | None:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # private API; naming the missing peer is a bonus, not a must
+        return None
+
+
+def mark_arrival(epoch: int) -> None:
+    """Record in the rendezvous store that this rank reached the graft of ``epoch``."""
+    store = _store()
+    if store is not None:
+        store.set(f"{_ARRIVAL}/{epoch}/{dist.get_rank()}", "1")
+
+
+def _missing(epoch: int, ranks: Sequence[int]) -> list[int] | None:
+    store = _store()
+    if store is None:
+        return None
+    try:
+        return [r for r in ranks if not store.check([f"{_ARRIVAL}/{epoch}/{r}"])]
+    except Exception:  # the store's host (rank 0's node) is gone too
+        return None
+
+
+def _peer_error(
+    what: str, epoch: int, timeout_s: float, ranks: Sequence[int], replicas: int, cause: Exception
+) -> PeerError:
+    missing = _missing(epoch, ranks)
+    if missing:
+        who = ", ".join(f"network {r // replicas} (rank {r})" for r in missing)
+        msg = f"{who} did not reach the graft of epoch {epoch}"
+    else:
+        who = ", ".join(f"network {r // replicas} (rank {r})" for r in ranks)
+        msg = f"no answer from {who} at the graft of epoch {epoch}"
+    return PeerError(
+        f"rank {dist.get_rank()}: {msg} within dist.timeout_s = {timeout_s:g} s while "
+        f"waiting for {what}; the peer process died, hangs, or runs a different "
+        f"schedule (cause: {cause})"
+    )
+
+
+def _wait(works, timeout_s: float, on_timeout) -> None:
+    for work in works:
+        try:
+            ok = work.wait(timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            raise on_timeout(e) from e
+        if ok is False:
+            raise on_timeout(RuntimeError("wait returned False"))
+
+
+def flatten_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, Tensor]:
+    """One contiguous flat buffer per dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t.reshape(-1))
+    return {d: torch.cat(ts) for d, ts in groups.items()}
+
+
+def unflatten_by_dtype(buffers: dict[torch.dtype, Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Inverse of flatten_by_dtype: tensors shaped and typed like ``like``."""
+    offsets = dict.fromkeys(buffers, 0)
+    out = []
+    for t in like:
+        buf = buffers[t.dtype]
+        n = t.numel()
+        out.append(buf[offsets[t.dtype] : offsets[t.dtype] + n].view(t.shape).to(t.dtype))
+        offsets[t.dtype] += n
+    return out
+
+
+def exchange_buffers(
+    buffers: Sequence[Tensor],
+    send_to: int,
+    recv_from: int,
+    timeout_s: float,
+    epoch: int = -1,
+    replicas: int = 1,
+    wire_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Send ``buffers`` to global rank ``send_to``; return those received from ``recv_from``.
+
+    Floating buffers travel as ``wire_dtype`` when given (bf16 halves the bytes); the
+    returned buffers are in the wire dtype. With ``send_to == recv_from == self`` (one
+    network) the own buffers are returned without communication.
+    """
+    if send_to == dist.get_rank() and recv_from == send_to:
+        return [b.clone() for b in buffers]
+    sends, recvs = [], []
+    for b in buffers:
+        dtype = wire_dtype if (wire_dtype is not None and b.is_floating_point()) else b.dtype
+        sends.append(b if b.dtype == dtype else b.to(dtype))
+        recvs.append(torch.empty(b.numel(), dtype=dtype, device=b.device))
+    ops = []
+    for s, r in zip(sends, recvs, strict=True):
+        ops.append(dist.P2POp(dist.isend, s, send_to))
+        ops.append(dist.P2POp(dist.irecv, r, recv_from))
+    works = dist.batch_isend_irecv(ops)
+    _wait(
+        works,
+        timeout_s,
+        lambda e: _peer_error(
+            f"the weights of rank {recv_from} (and to deliver ours to rank {send_to})",
+            epoch,
+            timeout_s,
+            sorted({recv_from, send_to}),
+            replicas,
+            e,
+        ),
+    )
+    return recvs
+
+
+def ring_exchange(
+    tensors: Sequence[Tensor],
+    group: dist.ProcessGroup | None = None,
+    timeout_s: float = 300.0,
+    wire_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Send own tensors to the ring successor; return the predecessor's (same shapes, dtypes).
+
+    The ring runs over the ranks of ``group`` (default: all) in rank order. One rank:
+    returns copies of its own tensors.
+    """
+    ranks = (
+        list(range(dist.get_world_size())) if group is None else dist.get_process_group_ranks(group)
+    )
+    me = ranks.index(dist.get_rank())
+    flat = flatten_by_dtype(tensors)
+    received = exchange_buffers(
+        list(flat.values()),
+        send_to=ranks[(me + 1) % len(ranks)],
+        recv_from=ranks[(me - 1) % len(ranks)],
+        timeout_s=timeout_s,
+        wire_dtype=wire_dtype,
+    )
+    return unflatten_by_dtype(dict(zip(flat, received, strict=True)), tensors)
+
+
+def gather_criteria(values: Tensor, timeout_s: float, epoch: int = -1, replicas: int = 1) -> Tensor:
+    """all_gather of each rank's criterion vector: row r holds rank r's (tiny)."""
+    world = dist.get_world_size()
+    if world == 1:
+        return values[None].clone()
+    out = [torch.empty_like(values) for _ in range(world)]
+    work = dist.all_gather(out, values.contiguous(), async_op=True)
+    _wait(
+        [work],
+        timeout_s,
+        lambda e: _peer_error(
+            "every network's criterion", epoch, timeout_s, range(world), replicas, e
+        ),
+    )
+    return torch.stack(out)
+
+
+def _digest(signature: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+    return hashlib.sha256(repr(signature).encode()).digest()
+
+
+def check_signature(
+    signature: list[tuple[str, tuple[int, ...], str]],
+    device: torch.device,
+    timeout_s: float,
+    epoch: int = -1,
+    replicas: int = 1,
+) -> None:
+    """Every rank must hold the same (name, shape, dtype) list; else all ranks raise.
+
+    Compares 32-byte digests first (cheap, bounded by the timeout); only on a mismatch
+    are the full signatures gathered to name both ranks and the first differing tensor.
+    """
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    mine = torch.tensor(list(_digest(signature)), dtype=torch.uint8, device=device)
+    digests = gather_criteria(mine, timeout_s, epoch, replicas)
+    if bool((digests == digests[0]).all()):
+        return
+    every: list = [None] * world
+    dist.all_gather_object(every, signature)
+    bad = next(r for r in range(world) if every[r] != every[0])
+    raise SignatureError(
+        f"models differ between rank 0 (network 0) and rank {bad} (network {bad // replicas}): "
+        f"{_first_difference(every[0], every[bad], 0, bad)}; every network must build the "
+        "same architecture to graft"
+    )
+
+
+def _first_difference(a: list, b: list, ra: int, rb: int) -> str:
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x == y:
+            continue
+        if x is None:
+            return f"tensor {y[0]!r} exists only on rank {rb}"
+        if y is None:
+            return f"tensor {x[0]!r} exists only on rank {ra}"
+        if x[0] != y[0]:
+            return f"tensor #{i} is {x[0]!r} on rank {ra} but {y[0]!r} on rank {rb}"
+        return (
+            f"tensor {x[0]!r} is {list(x[1])} {x[2]} on rank {ra} but "
+            f"{list(y[1])} {y[2]} on rank {rb}"
+        )
+    return "signatures differ"  # pragma: no cover - digests differed, lists did not

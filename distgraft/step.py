@@ -1,0 +1,254 @@
+"""The graft step at an epoch boundary: criterion, exchange, coefficients, in-place mix.
+
+``Grafter`` holds what lives across epochs (the graft plan, the flat views of the model
+state, whether the peers' signatures were checked); ``graft_step`` is the one-call form.
+The order of one external graft:
+
+1. mark arrival in the rendezvous store (so a timeout can name who is missing);
+2. first graft only: all ranks compare model signatures (names, shapes, dtypes);
+3. own criterion in one batched pass, all_gather of every rank's criterion vector;
+4. ring exchange of the flat state (own pre-graft weights out, predecessor's in);
+5. alpha from own and predecessor criterion; non-finite tensors are not mixed;
+6. one fused lerp per dtype buffer, and a record for telemetry.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from distgraft.config import GraftConfig
+from distgraft.dist import DistInfo
+from distgraft.entropy import invalid_filters
+from distgraft.flat import FlatState
+from distgraft.graft import (
+    coefficient,
+    criterion,
+    graft_internal_,
+    graft_noise_,
+    graft_plan,
+)
+from distgraft.ring import check_signature, exchange_buffers, gather_criteria, mark_arrival
+
+__all__ = ["GraftRecord", "Grafter", "graft_step", "WIRE_DTYPES"]
+
+WIRE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GraftRecord:
+    """What one graft did, for the ``graft`` telemetry event."""
+
+    epoch: int
+    network: int
+    peer: int
+    source: str
+    criterion: str
+    level: str
+    layers: list[str]
+    alpha: list[float]
+    h_self: list[float]
+    h_peer: list[float]
+    bytes: int = 0
+    exchange_s: float = 0.0
+    graft_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    invalid_01: int | None = None
+    invalid_001: int | None = None
+
+    def event_fields(self) -> dict:
+        """Fields of the telemetry event (network and epoch travel separately)."""
+        d = asdict(self)
+        del d["epoch"], d["network"]
+        return d
+
+
+class Grafter:
+    """Grafts ``model`` (this process's network) at epoch boundaries."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        info: DistInfo,
+        cfg: GraftConfig,
+        timeout_s: float = 300.0,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.info, self.cfg, self.timeout_s = model, info, cfg, timeout_s
+        self.seed = seed
+        self.plan = graft_plan(model)
+        self.flat = FlatState(model, self.plan)
+        self._signature_checked = False
+        sizes = torch.tensor([layer.filters for layer in self.plan.layers])
+        self._filter_layer = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        self._filter_sizes = sizes
+
+    # -- helpers --------------------------------------------------------------------------
+    def _weights(self) -> list[Tensor]:
+        tensors = self.flat.tensors()
+        return [tensors[k] for k in self.plan.weights]
+
+    def _conv_weights(self) -> list[Tensor]:
+        tensors = self.flat.tensors()
+        return [tensors[layer.weight] for layer in self.plan.layers if layer.conv]
+
+    def _finite_layers(self, buffers: dict[torch.dtype, Tensor]) -> Tensor | None:
+        """None when everything is finite (one sync); else a per-layer bool mask."""
+        if all(bool(torch.isfinite(b).all()) for b in buffers.values() if b.is_floating_point()):
+            return None
+        ok = torch.ones(len(self.plan.layers), dtype=torch.bool)
+        layer_of = self.plan.layer_of()
+        for key, t in self.flat.views(buffers).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                ok[layer_of[key]] = False
+        return ok
+
+    def _per_filter(self, layer_values: Tensor) -> Tensor:
+        return layer_values[self._filter_layer.to(layer_values.device)]
+
+    def _per_layer_mean(self, values: Tensor) -> list[float]:
+        if self.cfg.level == "layer":
+            return values.float().cpu().tolist()
+        parts = torch.split(values.float().cpu(), self._filter_sizes.tolist())
+        return [float(v.mean()) for v in parts]
+
+    def _criterion(self, finite: Tensor | None) -> Tensor:
+        weights = self._weights()
+        if finite is not None:  # do not let one diverged layer stop the whole graft
+            weights = [torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0) for w in weights]
+        return criterion(weights, self.cfg.criterion, self.cfg.level, self.cfg.bins)
+
+    def _invalid(self) -> tuple[int, int]:
+        counts = invalid_filters(self._conv_weights(), (0.1, 0.01))
+        return counts[0], counts[1]
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self, epoch: int) -> GraftRecord:
+        start = time.perf_counter()
+        self.flat.verify()
+        if self.cfg.source == "external":
+            record = self._external(epoch)
+        elif self.cfg.source in ("noise", "internal"):
+            record = self._local(epoch)
+        else:
+            raise ValueError(f"graft.source = {self.cfg.source!r} does not graft")
+        record.invalid_01, record.invalid_001 = self._invalid()
+        record.graft_s = time.perf_counter() - start
+        return record
+
+    def _external(self, epoch: int) -> GraftRecord:
+        info, cfg = self.info, self.cfg
+        mark_arrival(epoch)
+        if not self._signature_checked:
+            check_signature(
+                self.flat.signature(), info.device, self.timeout_s, epoch, info.replicas
+            )
+            self._signature_checked = True
+        own_finite = self._finite_layers(self.flat.buffers)
+        h_self = self._criterion(own_finite)
+        table = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)
+        pred_rank = info.rank_of(info.predecessor)
+        h_peer = table[pred_rank]
+        wire = WIRE_DTYPES[cfg.wire_dtype]
+        t0 = time.perf_counter()
+        received = exchange_buffers(
+            list(self.flat.buffers.values()),
+            send_to=info.rank_of(info.successor),
+            recv_from=pred_rank,
+            timeout_s=self.timeout_s,
+            epoch=epoch,
+            replicas=info.replicas,
+            wire_dtype=wire,
+        )
+        exchange_s = time.perf_counter() - t0
+        peer = dict(zip(self.flat.buffers, received, strict=True))
+        alpha = coefficient(h_self, h_peer, cfg.a, cfg.c).to(h_self.device)
+        warnings = self._guard(alpha, own_finite, self._finite_layers(peer), info.predecessor)
+        self.flat.mix_(peer, alpha, cfg.level)
+        sent = sum(r.numel() * r.element_size() for r in received)
+        return GraftRecord(
+            epoch,
+            info.network,
+            info.predecessor,
+            cfg.source,
+            cfg.criterion,
+            cfg.level,
+            [layer.name for layer in self.plan.layers],
+            self._per_layer_mean(alpha),
+            self._per_layer_mean(h_self),
+            self._per_layer_mean(h_peer),
+            sent,
+            exchange_s,
+            warnings=warnings,
+        )
+
+    def _guard(
+        self, alpha: Tensor, own_ok: Tensor | None, peer_ok: Tensor | None, peer: int
+    ) -> list[str]:
+        """Keep own weights where the peer's are non-finite; take the peer's where own are."""
+        warnings = []
+        names = [layer.name for layer in self.plan.layers]
+        if peer_ok is not None:
+            bad = (~peer_ok).nonzero().flatten().tolist()
+            warnings.append(
+                f"network {peer} sent non-finite weights in {len(bad)} layer(s) "
+                f"({', '.join(names[i] for i in bad[:5])}); kept own weights there"
+            )
+            keep = peer_ok if self.cfg.level == "layer" else self._per_filter(peer_ok)
+            alpha.masked_fill_(~keep.to(alpha.device), 1.0)
+        if own_ok is not None:
+            usable = ~own_ok if peer_ok is None else (~own_ok & peer_ok)
+            bad = usable.nonzero().flatten().tolist()
+            if bad:
+                warnings.append(
+                    f"own weights non-finite in {len(bad)} layer(s) "
+                    f"({', '.join(names[i] for i in bad[:5])}); replaced by network {peer}'s"
+                )
+            take = usable if self.cfg.level == "layer" else self._per_filter(usable)
+            alpha.masked_fill_(take.to(alpha.device), 0.0)
+        return warnings
+
+    def _local(self, epoch: int) -> GraftRecord:
+        cfg, info = self.cfg, self.info
+        weights = self._conv_weights()
+        if cfg.source == "noise":
+            g = torch.Generator(device=info.device)
+            g.manual_seed(self.seed * 100_003 + epoch)
+            graft_noise_(weights, cfg.gamma, cfg.a_noise**epoch, g)
+        else:
+            graft_internal_(weights, cfg.gamma, cfg.criterion, cfg.a, cfg.c, cfg.bins)
+        names = [layer.name for layer in self.plan.layers if layer.conv]
+        h = criterion(weights, cfg.criterion, "layer", cfg.bins).cpu().tolist()
+        return GraftRecord(
+            epoch,
+            info.network,
+            info.network,
+            cfg.source,
+            cfg.criterion,
+            "filter",
+            names,
+            [],
+            h,
+            [],
+        )
+
+
+_GRAFTERS: weakref.WeakKeyDictionary[nn.Module, Grafter] = weakref.WeakKeyDictionary()
+
+
+def graft_step(
+    model: nn.Module, info: DistInfo, epoch: int, cfg: GraftConfig, timeout_s: float = 300.0
+) -> GraftRecord:
+    """Graft ``model`` once; the first call re-points its state into flat buffers.
+
+    Build the optimizer before or after, either works (parameters keep their identity),
+    but move the model to its device first: ``model.to`` after this breaks the views.
+    """
+    grafter = _GRAFTERS.get(model)
+    if grafter is None or grafter.cfg != cfg or grafter.info != info:
+        grafter = _GRAFTERS[model] = Grafter(model, info, cfg, timeout_s)
+    return grafter.step(epoch)
