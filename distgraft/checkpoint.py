@@ -1,0 +1,158 @@
+"""Atomic checkpoints per network and agreement on the epoch to resume from.
+
+Each network writes ``net{k}/last.pt`` (and keeps the one before as ``prev.pt``) after
+every completed epoch, grafting included: temp file, fsync, rename, fsync of the folder,
+so a crash at any instant leaves a complete file. Networks can be at most one epoch apart
+(every epoch ends with a barrier), so on restart the ranks all_reduce MIN over their
+latest epochs and each loads whichever of last/prev holds that epoch: a killed worker
+(torchrun ``--max-restarts``) continues as if nothing happened.
+
+Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, never
+arbitrary pickled objects, so a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "FORMAT_VERSION",
+    "save_atomic",
+    "load",
+    "save_epoch",
+    "available_epochs",
+    "agree_epoch",
+    "load_epoch",
+    "rng_state",
+    "set_rng_state",
+]
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on this filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (tensors and plain containers only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_epoch(state: dict, net_dir: str | Path) -> None:
+    """Save a completed epoch as last.pt, keeping the previous last.pt as prev.pt."""
+    net_dir = Path(net_dir)
+    last = net_dir / "last.pt"
+    if last.exists():
+        os.replace(last, net_dir / "prev.pt")
+    save_atomic(state, last)
+
+
+def available_epochs(net_dir: str | Path) -> dict[int, Path]:
+    """Completed epochs that can be resumed from, epoch -> file (unreadable files skipped)."""
+    found: dict[int, Path] = {}
+    for name in ("prev.pt", "last.pt"):
+        path = Path(net_dir) / name
+        if not path.exists():
+            continue
+        try:
+            found[int(load(path)["epoch"])] = path
+        except Exception:  # a torn or foreign file: never resume from it
+            continue
+    return found
+
+
+def agree_epoch(local: int, device: torch.device, timeout_s: float) -> int:
+    """The latest epoch every rank can resume from: all_reduce MIN (-1: start fresh)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    t = torch.tensor([local], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, async_op=True).wait(timedelta(seconds=timeout_s))
+    return int(t.item())
+
+
+def load_epoch(net_dir: str | Path, epoch: int, map_location: torch.device) -> dict:
+    """The checkpoint of ``epoch`` from last.pt or prev.pt; a clear error if neither."""
+    files = available_epochs(net_dir)
+    if epoch not in files:
+        raise FileNotFoundError(
+            f"{net_dir}: no checkpoint of epoch {epoch} to resume from (have epochs "
+            f"{sorted(files) or 'none'}); start afresh with --run.resume=false"
+        )
+    return load(files[epoch], map_location)
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may touch, as tensors and plain types (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,191 @@
+"""``distgraft train``: validate the config, start the process group, run the Trainer.
+
+Everything that can be wrong with the user's input (config keys and values, the world
+size, missing datasets) is checked before any process group starts and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from distgraft.config import Config, ConfigError, field_docs, load_config, to_toml, validate
+from distgraft.data import DataError, check_available
+from distgraft.dist import DistInfo, LayoutError, distributed, env_ranks
+from distgraft.telemetry import Collector, ConsoleSink, JsonlSink, Telemetry, ZmqSink
+from distgraft.trainer import Summary, Trainer, write_run_files
+
+EXAMPLES = """\
+examples:
+  distgraft train --config configs/digits.toml
+  torchrun --nproc-per-node 2 -m distgraft train --config configs/digits.toml
+  torchrun --nproc-per-node 4 -m distgraft train --config configs/cifar10_resnet32.toml \\
+      --graft.networks=2 --run.name=r32_2x2 --optim.difflr=true
+
+every config key can be overridden with --section.key=value:
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    docs = field_docs()
+    defaults = _defaults()
+    keys = "\n".join(
+        f"  --{k}  (default {defaults[k]!r})\n      {docs.get(k, '')}" for k in defaults
+    )
+    p = sub.add_parser(
+        "train",
+        help="train N networks that graft each other (run under torchrun for N > 1)",
+        description="Train with filter grafting. Under torchrun every process is one "
+        "network (or one replica of it: graft.networks < world size); alone it trains one.",
+        epilog=EXAMPLES + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config (see configs/)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as TOML and exit"
+    )
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def _defaults() -> dict[str, object]:
+    cfg = Config()
+    out = {}
+    for section in ("run", "model", "data", "optim", "graft", "telemetry", "dist"):
+        for key, value in vars(getattr(cfg, section)).items():
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """Accept --a.b=value and --a.b value."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or "." not in item:
+            raise ConfigError(
+                f"unexpected argument {item!r}; overrides look like --section.key=value"
+            )
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        out.append(item)
+        i += 1
+    return out
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
+    cfg = load_config(args.config, _overrides(args.extra))
+    _, world, _, _ = env_ranks()
+    validate(cfg, world_size=world)
+    check_available(cfg.data)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(args)
+    except (ConfigError, DataError, LayoutError) as e:
+        print(f"distgraft train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_toml(cfg))
+        return 0
+    with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s) as info:
+        telemetry, collector = open_telemetry(cfg, info)
+        try:
+            train(cfg, info, telemetry)
+        except BaseException as e:
+            telemetry.emit("error", info.network, 0, message=f"rank {info.rank}: {e}")
+            raise
+        finally:
+            telemetry.close()
+            if collector is not None:
+                collector.stop()
+    return 0
+
+
+def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
+    if info.is_main:
+        write_run_files(cfg, cfg.run_dir)
+    trainer = Trainer(cfg, info, telemetry)
+    if info.is_main:
+        telemetry.emit(
+            "start",
+            0,
+            trainer.start_epoch,
+            world_size=info.world_size,
+            networks=info.networks,
+            replicas=info.replicas,
+            run_dir=str(cfg.run_dir),
+            config=to_toml(cfg),
+        )
+    trainer.fit()
+    ensemble = trainer.ensemble_accuracy() if info.networks > 1 else None
+    summaries = _gather(trainer.summary(), info, cfg.dist.timeout_s)
+    if info.is_main:
+        telemetry.emit(
+            "summary",
+            0,
+            cfg.run.epochs - 1,
+            networks=[{k: v for k, v in vars(s).items() if k != "extra"} for s in summaries],
+            ensemble_acc=ensemble,
+            run_dir=str(cfg.run_dir),
+        )
+        if cfg.telemetry.console:  # the console sink printed the table
+            print(
+                f"(invalid = conv filters with L1 norm below 0.1 / 0.01)\n"
+                f"run folder: {cfg.run_dir}",
+                flush=True,
+            )
+    return summaries
+
+
+def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]:
+    if info.world_size == 1:
+        return [summary]
+    every: list = [None] * info.world_size
+    dist.monitored_barrier(timeout=timedelta(seconds=timeout_s)) if info.backend == "gloo" else None
+    dist.all_gather_object(every, summary)
+    return [s for s in every if s is not None][:: info.replicas]
+
+
+def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | None]:
+    """Sinks for this rank: console and JSONL on network leads, zmq to rank 0's collector."""
+    sinks = []
+    collector = None
+    t = cfg.telemetry
+    if info.is_network_lead:
+        if t.console:
+            sinks.append(ConsoleSink(sys.stdout, epochs=cfg.run.epochs))
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        sinks.append(JsonlSink(cfg.run_dir / "metrics.jsonl"))
+    if t.zmq:
+        address = None
+        if info.is_main:
+            collector = Collector(t.address, t.publish, t.max_message_bytes).start()
+            address = collector.address
+            (cfg.run_dir / "telemetry.json").write_text(
+                json.dumps({"address": collector.address, "publish": collector.publish_address})
+            )
+        address = _share(address, info)
+        if info.is_network_lead:
+            sinks.append(ZmqSink(address))
+    return Telemetry(sinks), collector
+
+
+def _share(address: str | None, info: DistInfo) -> str:
+    """Rank 0's collector address for everyone; a wildcard host becomes rank 0's name."""
+    box = [address]
+    if info.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    addr = str(box[0])
+    for wildcard in ("0.0.0.0", "*"):
+        if f"//{wildcard}:" in addr:
+            import os
+
+            addr = addr.replace(wildcard, os.environ.get("MASTER_ADDR", "127.0.0.1"), 1)
+    return addr

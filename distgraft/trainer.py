@@ -1,0 +1,298 @@
+"""Trainer: one network (or one replica of it) per process; grafts at epoch boundaries.
+
+fit() = resume, then per epoch: train_epoch -> graft -> evaluate -> checkpoint -> barrier.
+The barrier keeps networks within one epoch of each other, which is what lets a restart
+agree on a common epoch (see checkpoint.py). Loss and accuracy are accumulated on the
+device and read once per epoch (and at most once a second for progress), so the GPU is
+never stalled by a per-step host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distgraft import checkpoint
+from distgraft.config import Config, to_toml
+from distgraft.data import build_data
+from distgraft.dist import DistInfo, barrier
+from distgraft.entropy import invalid_filters
+from distgraft.graft import graft_plan
+from distgraft.models import build_model
+from distgraft.step import Grafter, GraftRecord
+
+__all__ = ["Trainer", "Summary", "network_lr", "lr_factor"]
+
+PROGRESS_EVERY_S = 1.0
+
+
+class Emitter:
+    """What the trainer needs of telemetry: ``emit(event, network, epoch, **fields)``."""
+
+    def emit(self, event: str, network: int, epoch: int, **fields) -> None: ...
+
+
+def network_lr(cfg: Config, network: int, networks: int) -> float:
+    """Starting lr of a network; difflr spreads them: lr * (1 + cos(pi * (N - i) / N)) / 2."""
+    if not cfg.optim.difflr:
+        return cfg.optim.lr
+    i = network + 1  # the paper counts networks from 1
+    return cfg.optim.lr * (1 + math.cos(math.pi * (networks - i) / networks)) / 2
+
+
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the starting lr after ``step`` optimizer steps."""
+    if cfg.optim.schedule == "cosine":
+        total = cfg.run.epochs * steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    epoch = step // steps_per_epoch
+    return cfg.optim.gamma ** sum(epoch >= m for m in cfg.milestones())
+
+
+@dataclass
+class Summary:
+    """Per-network result, gathered on every rank at the end."""
+
+    network: int
+    best_acc: float
+    final_acc: float
+    invalid_01: int
+    invalid_001: int
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains this process's network; ``fit()`` runs the whole schedule."""
+
+    def __init__(self, cfg: Config, info: DistInfo, telemetry: Emitter) -> None:
+        self.cfg, self.info, self.telemetry = cfg, info, telemetry
+        self.device = info.device
+        self.seed = cfg.run.seed + 1000 * info.network
+        _seed_everything(self.seed)
+        channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        self.train_loader, self.test_loader, self.data_info = build_data(
+            cfg.data, self.device, self.seed, info.replica, info.replicas, channels_last
+        )
+        self.model = build_model(
+            cfg.model.name, self.data_info.num_classes, self.data_info.in_channels
+        ).to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.grafter = self._make_grafter()
+        self.net = self._wrap(self.model)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=network_lr(cfg, info.network, info.networks),
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+        )
+        steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s, steps)
+        )
+        self.start_epoch = 0
+        self.best_acc = 0.0
+        self.last_acc = 0.0
+        self.net_dir = cfg.run_dir / f"net{info.network}"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    # -- construction -------------------------------------------------------------------
+    def _make_grafter(self) -> Grafter | None:
+        g = self.cfg.graft
+        if g.source == "none" or (g.source == "external" and self.info.networks == 1):
+            return None
+        return Grafter(self.model, self.info, g, self.cfg.dist.timeout_s, self.seed)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net = model
+        if self.info.replicas > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                process_group=self.info.network_group,
+            )
+        if self.cfg.model.compile:
+            net = torch.compile(net)
+        return net
+
+    @property
+    def lead(self) -> bool:
+        return self.info.is_network_lead
+
+    def _emit(self, event: str, epoch: int, **fields) -> None:
+        if self.lead:
+            self.telemetry.emit(event, self.info.network, epoch, **fields)
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> Summary:
+        self.resume()
+        for epoch in range(self.start_epoch, self.cfg.run.epochs):
+            stats = self.train_epoch(epoch)
+            record = self.graft(epoch)
+            if record is not None:
+                self._emit("graft", epoch, **record.event_fields())
+            if self._evaluate_now(epoch):
+                test_loss, test_acc, _ = self.evaluate()
+                stats.update(test_loss=test_loss, test_acc=test_acc)
+                self.last_acc = test_acc
+                self.best_acc = max(self.best_acc, test_acc)
+            self._emit("epoch", epoch, **stats)
+            self.save(epoch, stats.get("test_acc"))
+            barrier(self.info, self.cfg.dist.timeout_s, f"the end of epoch {epoch}")
+        return self.summary()
+
+    def _evaluate_now(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.run.eval_every == 0 or epoch + 1 == self.cfg.run.epochs
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this replica's shard; statistics stay on the device until the end."""
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, steps = 0, len(self.train_loader)
+        start = last_report = time.perf_counter()
+        for step, (x, y) in enumerate(self.train_loader):
+            loss, logits = self._train_step(x, y)
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.shape[0]
+            now = time.perf_counter()
+            if now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                self._emit(
+                    "progress",
+                    epoch,
+                    step=step + 1,
+                    steps=steps,
+                    loss=float(loss_sum) / seen,
+                    images_per_s=seen / (now - start),
+                )
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_acc": 100.0 * float(correct) / max(seen, 1),
+            "test_loss": None,
+            "test_acc": None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_s": elapsed,
+            "images_per_s": seen * self.info.replicas / elapsed,
+        }
+
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss, logits
+
+    def _autocast(self):
+        enabled = self.cfg.optim.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float, Tensor]:
+        """(loss, accuracy %, logits of the whole test set) of this network."""
+        self.net.eval()
+        outputs, labels = [], []
+        for x, y in self.test_loader:
+            with self._autocast():
+                outputs.append(self.net(x).float())
+            labels.append(y)
+        logits, y = torch.cat(outputs), torch.cat(labels)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean() * 100
+        return float(loss), float(acc), logits
+
+    def graft(self, epoch: int) -> GraftRecord | None:
+        """Graft after this epoch's training when the schedule says so."""
+        if self.grafter is None or (epoch + 1) % self.cfg.graft.every:
+            return None
+        return self.grafter.step(epoch)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "format": checkpoint.FORMAT_VERSION,
+            "epoch": epoch,
+            "network": self.info.network,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_acc": self.best_acc,
+            "last_acc": self.last_acc,
+            "rng": checkpoint.rng_state(),
+            "config": to_toml(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])  # in place: the graft views survive
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
+        checkpoint.set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"] + 1
+
+    def save(self, epoch: int, test_acc: float | None) -> None:
+        if not self.lead:
+            return
+        state = self.state_dict(epoch)
+        checkpoint.save_epoch(state, self.net_dir)
+        if test_acc is not None and test_acc >= self.best_acc:
+            checkpoint.save_atomic(state, self.net_dir / "best.pt")
+
+    def resume(self) -> None:
+        """Continue from the latest epoch that every network completed, if any."""
+        if not self.cfg.run.resume:
+            return
+        epochs = checkpoint.available_epochs(self.net_dir)
+        local = max(epochs) if epochs else -1
+        common = checkpoint.agree_epoch(local, self.device, self.cfg.dist.timeout_s)
+        if common < 0:
+            return
+        self.load_state_dict(checkpoint.load_epoch(self.net_dir, common, self.device))
+
+    # -- the end ------------------------------------------------------------------------
+    def summary(self) -> Summary:
+        plan = graft_plan(self.model)
+        state = self.model.state_dict()
+        convs = [state[layer.weight] for layer in plan.layers if layer.conv]
+        inv01, inv001 = invalid_filters(convs, (0.1, 0.01))
+        return Summary(self.info.network, self.best_acc, self.last_acc, inv01, inv001)
+
+    def ensemble_accuracy(self) -> float | None:
+        """Accuracy of the mean of all networks' test logits (every rank must call this)."""
+        _, _, logits = self.evaluate()
+        total = logits.clone()
+        if self.info.world_size > 1:
+            work = dist.all_reduce(total, async_op=True)
+            work.wait(timedelta(seconds=self.cfg.dist.timeout_s))
+        y = torch.cat([y for _, y in self.test_loader])
+        return float((total.argmax(1) == y).float().mean() * 100)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_run_files(cfg: Config, run_dir: Path) -> None:
+    """The resolved config, so that a run folder says how it was made."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
