@@ -29,11 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as e:  # a command whose module is not built yet
-            if e.name != module:
-                raise
+        importlib.import_module(module).register(sub)
     return parser
 
 

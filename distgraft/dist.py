@@ -112,6 +112,18 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The launcher's store, with keys private to this restart attempt.
+
+    torchrun's agent keeps one store across ``--max-restarts`` rounds; without a prefix the
+    restarted workers would find the dead workers' gloo addresses there and fail to connect.
+    """
+    url = f"env://?rank={rank}&world_size={world}"
+    store, _, _ = next(dist.rendezvous(url, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"distgraft/attempt{attempt}", store)
+
+
 def init_distributed(
     networks: int = 0,
     backend: str = "auto",
@@ -139,8 +151,9 @@ def init_distributed(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
         else:
+            store = _attempt_store(rank, world, timeout)
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+                backend, store=store, rank=rank, world_size=world, timeout=timeout
             )
     group = None
     for k in range(n):  # every rank must create every group, in the same order

@@ -7,17 +7,17 @@ size, missing datasets) is checked before any process group starts and exits wit
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from datetime import timedelta
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from distgraft.config import Config, ConfigError, field_docs, load_config, to_toml, validate
-from distgraft.data import DataError, check_available
-from distgraft.dist import DistInfo, LayoutError, distributed, env_ranks
-from distgraft.telemetry import Collector, ConsoleSink, JsonlSink, Telemetry, ZmqSink
-from distgraft.trainer import Summary, Trainer, write_run_files
+
+if TYPE_CHECKING:  # torch is imported when a run starts, not for `distgraft --help`
+    from distgraft.dist import DistInfo
+    from distgraft.telemetry import Collector, Telemetry
+    from distgraft.trainer import Summary
 
 EXAMPLES = """\
 examples:
@@ -78,6 +78,9 @@ def _overrides(extra: list[str]) -> list[str]:
 
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
+    from distgraft.data import check_available
+    from distgraft.dist import env_ranks
+
     cfg = load_config(args.config, _overrides(args.extra))
     _, world, _, _ = env_ranks()
     validate(cfg, world_size=world)
@@ -86,6 +89,9 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distgraft.data import DataError
+    from distgraft.dist import LayoutError, distributed
+
     try:
         cfg = resolve(args)
     except (ConfigError, DataError, LayoutError) as e:
@@ -109,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
+    from distgraft.trainer import Trainer, write_run_files
+
     if info.is_main:
         write_run_files(cfg, cfg.run_dir)
     trainer = Trainer(cfg, info, telemetry)
+    trainer.resume()
     if info.is_main:
         telemetry.emit(
             "start",
@@ -145,6 +154,8 @@ def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
 
 
 def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]:
+    import torch.distributed as dist
+
     if info.world_size == 1:
         return [summary]
     every: list = [None] * info.world_size
@@ -154,23 +165,33 @@ def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]
 
 
 def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | None]:
-    """Sinks for this rank: console and JSONL on network leads, zmq to rank 0's collector."""
-    sinks = []
+    """Sinks for this rank: console and JSONL on network leads, zmq to rank 0's collector.
+
+    Every network lead appends its own lines to metrics.jsonl (one write per line, so
+    lines never interleave); zmq is the live view and may drop, the file never does.
+    """
+    from distgraft.telemetry import (
+        Collector,
+        ConsoleSink,
+        JsonlSink,
+        Telemetry,
+        ZmqSink,
+        write_endpoints,
+    )
+
+    sinks: list = []
     collector = None
     t = cfg.telemetry
     if info.is_network_lead:
         if t.console:
             sinks.append(ConsoleSink(sys.stdout, epochs=cfg.run.epochs))
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         sinks.append(JsonlSink(cfg.run_dir / "metrics.jsonl"))
     if t.zmq:
         address = None
         if info.is_main:
             collector = Collector(t.address, t.publish, t.max_message_bytes).start()
             address = collector.address
-            (cfg.run_dir / "telemetry.json").write_text(
-                json.dumps({"address": collector.address, "publish": collector.publish_address})
-            )
+            write_endpoints(cfg.run_dir, collector.address, collector.publish_address)
         address = _share(address, info)
         if info.is_network_lead:
             sinks.append(ZmqSink(address))
@@ -179,13 +200,13 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
 
 def _share(address: str | None, info: DistInfo) -> str:
     """Rank 0's collector address for everyone; a wildcard host becomes rank 0's name."""
+    import torch.distributed as dist
+
     box = [address]
     if info.world_size > 1:
         dist.broadcast_object_list(box, src=0)
     addr = str(box[0])
     for wildcard in ("0.0.0.0", "*"):
         if f"//{wildcard}:" in addr:
-            import os
-
             addr = addr.replace(wildcard, os.environ.get("MASTER_ADDR", "127.0.0.1"), 1)
     return addr

@@ -102,6 +102,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(cfg, s, steps)
         )
         self.start_epoch = 0
+        self._resumed = False
         self.best_acc = 0.0
         self.last_acc = 0.0
         self.net_dir = cfg.run_dir / f"net{info.network}"
@@ -137,7 +138,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> Summary:
-        self.resume()
+        if not self._resumed:
+            self.resume()
         for epoch in range(self.start_epoch, self.cfg.run.epochs):
             stats = self.train_epoch(epoch)
             record = self.graft(epoch)
@@ -258,6 +260,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the latest epoch that every network completed, if any."""
+        self._resumed = True
         if not self.cfg.run.resume:
             return
         epochs = checkpoint.available_epochs(self.net_dir)

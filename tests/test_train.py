@@ -1,0 +1,243 @@
+"""End-to-end tests of `distgraft train`: real torchrun, real processes, gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distgraft.config import Config, with_overrides
+from distgraft.trainer import lr_factor, network_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        e.pop(k, None)
+    return e
+
+
+def torchrun_cmd(nproc: int, *args: str, restarts: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(restarts),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "-m", "distgraft", "train", *args,
+    ]  # fmt: skip
+
+
+def common(tmp_path: Path, name: str, epochs: int) -> list[str]:
+    return [
+        "--config", str(DIGITS), f"--run.dir={tmp_path}", f"--run.name={name}",
+        f"--run.epochs={epochs}", "--telemetry.publish=tcp://127.0.0.1:0",
+    ]  # fmt: skip
+
+
+def events(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# -- unit: the lr schedule ----------------------------------------------------------------
+
+
+def test_difflr_matches_the_paper_for_two_networks():
+    cfg = with_overrides(Config(), optim={"difflr": True, "lr": 0.1})
+    assert network_lr(cfg, 0, 2) == pytest.approx(0.05)
+    assert network_lr(cfg, 1, 2) == pytest.approx(0.1)
+    assert network_lr(with_overrides(cfg, optim={"difflr": False}), 0, 2) == 0.1
+
+
+def test_step_schedule_defaults_to_every_60_epochs_and_cosine_reaches_zero():
+    cfg = with_overrides(Config(), run={"epochs": 200})
+    assert cfg.milestones() == (60, 120, 180)
+    assert lr_factor(cfg, 59 * 10, 10) == 1.0
+    assert lr_factor(cfg, 60 * 10, 10) == pytest.approx(0.1)
+    assert lr_factor(cfg, 185 * 10, 10) == pytest.approx(1e-3)
+    cos = with_overrides(cfg, optim={"schedule": "cosine"})
+    assert lr_factor(cos, 0, 10) == 1.0
+    assert lr_factor(cos, 100 * 10, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 200 * 10, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_two_networks_graft_and_summarise(tmp_path):
+    proc = run(torchrun_cmd(2, *common(tmp_path, "e2e", 2)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "e2e"
+    evs = events(run_dir)
+    for net in (0, 1):
+        epochs = [e for e in evs if e["event"] == "epoch" and e["network"] == net]
+        grafts = [e for e in evs if e["event"] == "graft" and e["network"] == net]
+        assert [e["epoch"] for e in epochs] == [0, 1]
+        assert len(grafts) == 2 and all(g["peer"] == 1 - net for g in grafts)
+        for g in grafts:  # a = 0.4: alpha strictly inside (0.3, 0.7)
+            assert g["alpha"] and all(0.3 < a < 0.7 for a in g["alpha"])
+            assert len(g["alpha"]) == len(g["h_self"]) == len(g["h_peer"]) == len(g["layers"])
+            assert g["bytes"] > 0
+        assert (run_dir / f"net{net}" / "last.pt").exists()
+        assert (run_dir / f"net{net}" / "best.pt").exists()
+    # two networks graft symmetrically: alpha_0 + alpha_1 = 1 layer by layer
+    g0 = next(e for e in evs if e["event"] == "graft" and e["network"] == 0 and e["epoch"] == 0)
+    g1 = next(e for e in evs if e["event"] == "graft" and e["network"] == 1 and e["epoch"] == 0)
+    assert all(abs(a + b - 1) < 1e-5 for a, b in zip(g0["alpha"], g1["alpha"], strict=True))
+    summary = [e for e in evs if e["event"] == "summary"]
+    assert len(summary) == 1 and len(summary[0]["networks"]) == 2
+    assert summary[0]["ensemble_acc"] is not None
+    assert (run_dir / "config.toml").read_text().count("[graft]") == 1
+    assert "run folder:" in proc.stdout and "ensemble" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_world_size_one_without_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "distgraft", "train", *common(tmp_path, "single", 1)]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evs = events(tmp_path / "single")
+    assert [e["event"] for e in evs if e["event"] in ("epoch", "summary")] == ["epoch", "summary"]
+    assert not [e for e in evs if e["event"] == "graft"]  # one network: nothing to graft
+    assert evs[-1]["networks"][0]["final_acc"] > 50  # digits learns within one epoch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_source_none_trains_networks_independently(tmp_path):
+    args = [*common(tmp_path, "base", 2), "--graft.source=none"]
+    proc = run(torchrun_cmd(2, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evs = events(tmp_path / "base")
+    assert not [e for e in evs if e["event"] == "graft"]
+    nets = tmp_path / "base"
+    w0, w1 = model_state(nets / "net0" / "last.pt"), model_state(nets / "net1" / "last.pt")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # different seeds, no mixing
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _worker_with_rank(agent: int, rank: int) -> int | None:
+    for pid in _children(agent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill_9_worker_resumes_to_the_same_weights(tmp_path):
+    epochs = 5
+    reference = run(torchrun_cmd(2, *common(tmp_path, "ref", epochs)))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cmd = torchrun_cmd(2, *common(tmp_path, "killed", epochs), restarts=1)
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first = tmp_path / "killed" / "net1" / "last.pt"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.02)
+    victim = _worker_with_rank(agent.pid, 1)
+    assert victim is not None, "worker of rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    out, _ = agent.communicate(timeout=300)
+    assert agent.returncode == 0, out[-4000:]
+
+    evs = events(tmp_path / "killed")
+    starts = [e for e in evs if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["epoch"] >= 1  # the restart resumed, not restarted
+    for net in (0, 1):
+        a = model_state(tmp_path / "ref" / f"net{net}" / "last.pt")
+        b = model_state(tmp_path / "killed" / f"net{net}" / "last.pt")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"net{net} {k} differs after resume"
+
+
+# -- input errors exit 2 before any process group starts ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("--graft.a=0", "graft.a"),
+        ("--graft.a=-1", "graft.a"),
+        ("--graft.bins=1", "graft.bins"),
+        ("--model.name=resnet33", "resnet33"),
+        ("--data.name=mnist", "data.name"),
+        ("--graft.colour=red", "graft.colour"),
+        ("--run.epochs=ten", "run.epochs"),
+        ("--graft.networks=3", "graft.networks"),
+        ("--graft.source=files", "external"),
+        ("--nosuch.key=1", "nosuch"),
+    ],
+)
+def test_config_errors_exit_2_with_the_key_named(tmp_path, override, expect):
+    cmd = [sys.executable, "-m", "distgraft", "train", *common(tmp_path, "bad", 1), override]
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert expect in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()  # nothing started, nothing written
+
+
+def test_missing_cifar_names_the_path_and_the_flag(tmp_path):
+    cmd = [
+        sys.executable, "-m", "distgraft", "train", "--config",
+        str(ROOT / "configs" / "cifar10_resnet32.toml"), f"--data.root={tmp_path / 'nothing'}",
+    ]  # fmt: skip
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 2
+    assert str(tmp_path / "nothing") in proc.stderr and "data.download" in proc.stderr
+
+
+def test_help_lists_config_keys():
+    proc = run([sys.executable, "-m", "distgraft", "train", "--help"], timeout=120)
+    assert proc.returncode == 0
+    for key in ("--graft.a", "--graft.wire_dtype", "--optim.difflr", "--run.resume"):
+        assert key in proc.stdout
