@@ -148,8 +148,13 @@ def _plot_alpha(fig: Any, spec: Any, data: RunData) -> None:
         ax.set_title(f"(b) alpha, net {net}" if i == 0 else f"net {net}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         if i % cols == 0:
-            ax.set_ylabel("layer (index)", fontsize=8)
+            ax.set_ylabel("layer", fontsize=8)
         ax.tick_params(labelsize=7)
+        step = max(1, math.ceil(len(layers) / 12))  # at most ~12 labelled layers
+        ticks = list(range(0, len(layers), step))
+        ax.set_yticks(ticks)
+        if i % cols == 0 and len(layers) <= 24:
+            ax.set_yticklabels([layers[t] for t in ticks], fontsize=6)
         _integer_epochs(ax)
         axes.append(ax)
     if image is not None:

@@ -158,8 +158,11 @@ class Trainer:
     def _evaluate_now(self, epoch: int) -> bool:
         return (epoch + 1) % self.cfg.run.eval_every == 0 or epoch + 1 == self.cfg.run.epochs
 
-    def train_epoch(self, epoch: int) -> dict:
-        """One pass over this replica's shard; statistics stay on the device until the end."""
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict:
+        """One pass over this replica's shard; statistics stay on the device until the end.
+
+        ``max_steps`` stops early (benchmarks time step windows, not whole epochs).
+        """
         self.net.train()
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
@@ -167,6 +170,8 @@ class Trainer:
         seen, steps = 0, len(self.train_loader)
         start = last_report = time.perf_counter()
         for step, (x, y) in enumerate(self.train_loader):
+            if max_steps is not None and step >= max_steps:
+                break
             loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
