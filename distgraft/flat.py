@@ -5,7 +5,7 @@ into it. Gathering ~100 tensors into a send buffer (torch.cat) and scattering th
 costs about as much as the transfer itself, so, like DDP buckets and FSDP flat
 parameters, the model's parameters and buffers are re-pointed once at start-up to views
 of a flat storage. The exchange then sends that storage without a copy and the mix is one
-fused lerp per dtype with alpha expanded per segment.
+single foreach lerp over views of it.
 
 Pure tensor code (no torch.distributed). The views survive the optimizer, DDP,
 ``load_state_dict`` (in-place copies) and BatchNorm's in-place running-stat updates; they
@@ -19,17 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distgraft.graft import GraftPlan, expand_alpha, mix_
+from distgraft.graft import GraftPlan
 
-__all__ = ["FlatState", "Segments"]
-
-
-@dataclass(frozen=True)
-class Segments:
-    """How alphas map onto one flat buffer: segment s has sizes[s] elements, alpha index[s]."""
-
-    sizes: Tensor
-    index: Tensor
+__all__ = ["FlatState"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,6 @@ class FlatState:
                 offset += t.numel()
             self.buffers[dtype] = flat
         self._model = model
-        self._segments: dict[tuple[str, torch.dtype], Segments] = {}
 
     @staticmethod
     def _view(flat: Tensor, slot: _Slot) -> Tensor:
@@ -117,46 +108,57 @@ class FlatState:
                     "after moving the model to its device and memory format"
                 )
 
-    def segments(self, level: str, dtype: torch.dtype) -> Segments:
-        """Alpha segments of the ``dtype`` buffer for "layer" or "filter" level (cached)."""
-        cached = self._segments.get((level, dtype))
-        if cached is not None:
-            return cached
+    def filter_starts(self) -> list[int]:
+        """Offset of each layer's first filter in a per-filter vector (filter level)."""
         starts = [0]
         for layer in self.plan.layers:
             starts.append(starts[-1] + layer.filters)
-        sizes: list[int] = []
-        index: list[int] = []
-        for s in self.slots:
-            if s.dtype != dtype:
-                continue
-            n = s.shape.numel()
-            if level == "layer":
-                sizes.append(n)
-                index.append(s.layer)
-                continue
-            filters = self.plan.layers[s.layer].filters
-            if n % filters:
-                raise ValueError(f"{s.key}: {n} elements do not split into {filters} filters")
-            sizes.extend([n // filters] * filters)
-            index.extend(range(starts[s.layer], starts[s.layer] + filters))
-        device = self.buffers[dtype].device
-        seg = Segments(
-            torch.tensor(sizes, dtype=torch.long, device=device),
-            torch.tensor(index, dtype=torch.long, device=device),
-        )
-        self._segments[(level, dtype)] = seg
-        return seg
+        return starts
 
-    def mix_(self, peer: dict[torch.dtype, Tensor], alpha: Tensor, level: str) -> None:
-        """own <- alpha * own + (1 - alpha) * peer, one fused pass per dtype buffer."""
-        for dtype, own in self.buffers.items():
-            if not own.is_floating_point():
-                continue
-            seg = self.segments(level, dtype)
-            a = expand_alpha(alpha.to(own.device), seg.sizes, seg.index, own.numel(), dtype)
-            with torch.no_grad():
-                mix_(own, peer[dtype], a)
+    def mix_(
+        self,
+        peer: dict[torch.dtype, Tensor],
+        alpha: Tensor,
+        level: str,
+        keep: list[bool] | None = None,
+        take: list[bool] | None = None,
+    ) -> None:
+        """own <- alpha * own + (1 - alpha) * peer, in place, tensor by tensor.
+
+        ``alpha`` has one value per layer (level "layer") or per filter ("filter"); BN
+        channels and biases follow their filter. Layers flagged in ``keep`` are left
+        untouched (the peer's values are unusable: NaN * 0 is still NaN, so a lerp with
+        alpha = 1 would not protect them); layers flagged in ``take`` get the peer's values.
+        One foreach lerp over views at layer level: no per-element alpha is materialised.
+        """
+        starts = self.filter_starts()
+        own_views = self.tensors()
+        peer = {d: b if b.dtype == d else b.to(d) for d, b in peer.items()}  # bf16 wire
+        peer_views = self.views(peer)
+        weight = {d: (1.0 - alpha).to(device=b.device, dtype=d) for d, b in peer.items()}
+        selfs, ends, weights = [], [], []
+        with torch.no_grad():
+            for s in self.slots:
+                if not s.dtype.is_floating_point or (keep is not None and keep[s.layer]):
+                    continue
+                own, other = own_views[s.key], peer_views[s.key]
+                if take is not None and take[s.layer]:
+                    own.copy_(other)
+                    continue
+                w = weight[s.dtype]
+                if level == "layer":
+                    w = w[s.layer]
+                else:
+                    n = self.plan.layers[s.layer].filters
+                    w = w[starts[s.layer] : starts[s.layer] + n].view(n, *[1] * (own.dim() - 1))
+                selfs.append(own)
+                ends.append(other)
+                weights.append(w)
+            if level == "layer":
+                torch._foreach_lerp_(selfs, ends, weights)
+            else:
+                for own, other, w in zip(selfs, ends, weights, strict=True):
+                    own.lerp_(other, w)
 
 
 def _rebind(model: nn.Module, key: str, view: Tensor) -> None:

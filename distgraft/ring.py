@@ -24,6 +24,8 @@ __all__ = [
     "SignatureError",
     "ring_exchange",
     "exchange_buffers",
+    "post_exchange",
+    "PendingExchange",
     "gather_criteria",
     "check_signature",
     "mark_arrival",
@@ -113,7 +115,19 @@ def unflatten_by_dtype(buffers: dict[torch.dtype, Tensor], like: Sequence[Tensor
     return out
 
 
-def exchange_buffers(
+class PendingExchange:
+    """Sends and receives in flight; ``wait()`` returns the received buffers."""
+
+    def __init__(self, works: list, received: list[Tensor], on_timeout, timeout_s: float):
+        self._works, self._received = works, received
+        self._on_timeout, self._timeout_s = on_timeout, timeout_s
+
+    def wait(self) -> list[Tensor]:
+        _wait(self._works, self._timeout_s, self._on_timeout)
+        return self._received
+
+
+def post_exchange(
     buffers: Sequence[Tensor],
     send_to: int,
     recv_from: int,
@@ -121,15 +135,16 @@ def exchange_buffers(
     epoch: int = -1,
     replicas: int = 1,
     wire_dtype: torch.dtype | None = None,
-) -> list[Tensor]:
-    """Send ``buffers`` to global rank ``send_to``; return those received from ``recv_from``.
+) -> PendingExchange:
+    """Post the sends of ``buffers`` to rank ``send_to`` and the receives from ``recv_from``.
 
-    Floating buffers travel as ``wire_dtype`` when given (bf16 halves the bytes); the
-    returned buffers are in the wire dtype. With ``send_to == recv_from == self`` (one
-    network) the own buffers are returned without communication.
+    Returns at once, so the caller can compute while the bytes travel. Floating buffers
+    travel as ``wire_dtype`` when given (bf16 halves the bytes); received buffers are in
+    the wire dtype. The own buffers must not change until ``wait()`` returns. With
+    ``send_to == recv_from == self`` (one network) copies of the own buffers come back.
     """
     if send_to == dist.get_rank() and recv_from == send_to:
-        return [b.clone() for b in buffers]
+        return PendingExchange([], [b.clone() for b in buffers], None, timeout_s)
     sends, recvs = [], []
     for b in buffers:
         dtype = wire_dtype if (wire_dtype is not None and b.is_floating_point()) else b.dtype
@@ -140,19 +155,27 @@ def exchange_buffers(
         ops.append(dist.P2POp(dist.isend, s, send_to))
         ops.append(dist.P2POp(dist.irecv, r, recv_from))
     works = dist.batch_isend_irecv(ops)
-    _wait(
-        works,
-        timeout_s,
-        lambda e: _peer_error(
+
+    def on_timeout(e: Exception) -> PeerError:
+        return _peer_error(
             f"the weights of rank {recv_from} (and to deliver ours to rank {send_to})",
-            epoch,
-            timeout_s,
-            sorted({recv_from, send_to}),
-            replicas,
-            e,
-        ),
-    )
-    return recvs
+            epoch, timeout_s, sorted({recv_from, send_to}), replicas, e,
+        )  # fmt: skip
+
+    return PendingExchange(works, recvs, on_timeout, timeout_s)
+
+
+def exchange_buffers(
+    buffers: Sequence[Tensor],
+    send_to: int,
+    recv_from: int,
+    timeout_s: float,
+    epoch: int = -1,
+    replicas: int = 1,
+    wire_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Send ``buffers`` to global rank ``send_to``; return those received from ``recv_from``."""
+    return post_exchange(buffers, send_to, recv_from, timeout_s, epoch, replicas, wire_dtype).wait()
 
 
 def ring_exchange(

@@ -32,7 +32,7 @@ from distgraft.graft import (
     graft_noise_,
     graft_plan,
 )
-from distgraft.ring import check_signature, exchange_buffers, gather_criteria, mark_arrival
+from distgraft.ring import check_signature, gather_criteria, mark_arrival, post_exchange
 
 __all__ = ["GraftRecord", "Grafter", "graft_step", "WIRE_DTYPES"]
 
@@ -96,19 +96,21 @@ class Grafter:
         tensors = self.flat.tensors()
         return [tensors[layer.weight] for layer in self.plan.layers if layer.conv]
 
-    def _finite_layers(self, buffers: dict[torch.dtype, Tensor]) -> Tensor | None:
-        """None when everything is finite (one sync); else a per-layer bool mask."""
-        if all(bool(torch.isfinite(b).all()) for b in buffers.values() if b.is_floating_point()):
+    def _finite_layers(self, buffers: dict[torch.dtype, Tensor]) -> list[bool] | None:
+        """None when everything is finite; else, per layer, whether all its tensors are.
+
+        Fast path: a buffer's sum is finite iff its elements are (barring an overflow of
+        the sum, which only sends us to the exact per-layer check). One pass, one sync.
+        """
+        sums = [b.sum(dtype=torch.float32) for b in buffers.values() if b.is_floating_point()]
+        if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
             return None
-        ok = torch.ones(len(self.plan.layers), dtype=torch.bool)
+        ok = [True] * len(self.plan.layers)
         layer_of = self.plan.layer_of()
         for key, t in self.flat.views(buffers).items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 ok[layer_of[key]] = False
-        return ok
-
-    def _per_filter(self, layer_values: Tensor) -> Tensor:
-        return layer_values[self._filter_layer.to(layer_values.device)]
+        return None if all(ok) else ok
 
     def _per_layer_mean(self, values: Tensor) -> list[float]:
         if self.cfg.level == "layer":
@@ -116,15 +118,19 @@ class Grafter:
         parts = torch.split(values.float().cpu(), self._filter_sizes.tolist())
         return [float(v.mean()) for v in parts]
 
-    def _criterion(self, finite: Tensor | None) -> Tensor:
+    def _criterion(self, finite: list[bool] | None) -> Tensor:
         weights = self._weights()
-        if finite is not None:  # do not let one diverged layer stop the whole graft
+        if finite is not None:  # one diverged layer must not stop the whole graft
             weights = [torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0) for w in weights]
         return criterion(weights, self.cfg.criterion, self.cfg.level, self.cfg.bins)
 
-    def _invalid(self) -> tuple[int, int]:
-        counts = invalid_filters(self._conv_weights(), (0.1, 0.01))
-        return counts[0], counts[1]
+    def _invalid(self, record: GraftRecord) -> None:
+        try:
+            record.invalid_01, record.invalid_001 = invalid_filters(
+                self._conv_weights(), (0.1, 0.01)
+            )
+        except ValueError:  # non-finite weights left after the graft: say so, go on
+            record.warnings.append("invalid filters not counted: non-finite conv weights")
 
     # -- the step -------------------------------------------------------------------------
     def step(self, epoch: int) -> GraftRecord:
@@ -136,7 +142,7 @@ class Grafter:
             record = self._local(epoch)
         else:
             raise ValueError(f"graft.source = {self.cfg.source!r} does not graft")
-        record.invalid_01, record.invalid_001 = self._invalid()
+        self._invalid(record)
         record.graft_s = time.perf_counter() - start
         return record
 
@@ -148,69 +154,65 @@ class Grafter:
                 self.flat.signature(), info.device, self.timeout_s, epoch, info.replicas
             )
             self._signature_checked = True
-        own_finite = self._finite_layers(self.flat.buffers)
-        h_self = self._criterion(own_finite)
-        table = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)
         pred_rank = info.rank_of(info.predecessor)
-        h_peer = table[pred_rank]
-        wire = WIRE_DTYPES[cfg.wire_dtype]
         t0 = time.perf_counter()
-        received = exchange_buffers(
+        pending = post_exchange(  # the pre-graft weights travel while we compute
             list(self.flat.buffers.values()),
             send_to=info.rank_of(info.successor),
             recv_from=pred_rank,
             timeout_s=self.timeout_s,
             epoch=epoch,
             replicas=info.replicas,
-            wire_dtype=wire,
+            wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
         )
+        own_ok = self._finite_layers(self.flat.buffers)
+        h_self = self._criterion(own_ok)
+        h_peer = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)[pred_rank]
+        received = pending.wait()
         exchange_s = time.perf_counter() - t0
+        sent = sum(r.numel() * r.element_size() for r in received)
         peer = dict(zip(self.flat.buffers, received, strict=True))
         alpha = coefficient(h_self, h_peer, cfg.a, cfg.c).to(h_self.device)
-        warnings = self._guard(alpha, own_finite, self._finite_layers(peer), info.predecessor)
-        self.flat.mix_(peer, alpha, cfg.level)
-        sent = sum(r.numel() * r.element_size() for r in received)
+        keep, take, warnings = self._guard(own_ok, self._finite_layers(peer), info.predecessor)
+        self._pin(alpha, keep, 1.0)
+        self._pin(alpha, take, 0.0)
+        self.flat.mix_(peer, alpha, cfg.level, keep, take)
         return GraftRecord(
-            epoch,
-            info.network,
-            info.predecessor,
-            cfg.source,
-            cfg.criterion,
-            cfg.level,
-            [layer.name for layer in self.plan.layers],
-            self._per_layer_mean(alpha),
-            self._per_layer_mean(h_self),
-            self._per_layer_mean(h_peer),
-            sent,
-            exchange_s,
+            epoch, info.network, info.predecessor, cfg.source, cfg.criterion, cfg.level,
+            [layer.name for layer in self.plan.layers], self._per_layer_mean(alpha),
+            self._per_layer_mean(h_self), self._per_layer_mean(h_peer), sent, exchange_s,
             warnings=warnings,
-        )
+        )  # fmt: skip
+
+    def _pin(self, alpha: Tensor, layers: list[bool] | None, value: float) -> None:
+        """Record alpha = value for flagged layers (all their filters at filter level)."""
+        if layers is None:
+            return
+        mask = torch.tensor(layers, device=alpha.device)
+        if self.cfg.level == "filter":
+            mask = mask[self._filter_layer.to(alpha.device)]
+        alpha.masked_fill_(mask, value)
 
     def _guard(
-        self, alpha: Tensor, own_ok: Tensor | None, peer_ok: Tensor | None, peer: int
-    ) -> list[str]:
-        """Keep own weights where the peer's are non-finite; take the peer's where own are."""
-        warnings = []
+        self, own_ok: list[bool] | None, peer_ok: list[bool] | None, peer: int
+    ) -> tuple[list[bool] | None, list[bool] | None, list[str]]:
+        """Which layers keep own weights (peer non-finite) or take the peer's (own are)."""
         names = [layer.name for layer in self.plan.layers]
-        if peer_ok is not None:
-            bad = (~peer_ok).nonzero().flatten().tolist()
-            warnings.append(
-                f"network {peer} sent non-finite weights in {len(bad)} layer(s) "
-                f"({', '.join(names[i] for i in bad[:5])}); kept own weights there"
-            )
-            keep = peer_ok if self.cfg.level == "layer" else self._per_filter(peer_ok)
-            alpha.masked_fill_(~keep.to(alpha.device), 1.0)
+        n = len(names)
+        keep = None if peer_ok is None else [not ok for ok in peer_ok]
+        take = None
         if own_ok is not None:
-            usable = ~own_ok if peer_ok is None else (~own_ok & peer_ok)
-            bad = usable.nonzero().flatten().tolist()
+            take = [not own_ok[i] and (peer_ok is None or peer_ok[i]) for i in range(n)]
+        warnings = []
+        for flags, text in (
+            (keep, f"network {peer} sent non-finite weights; kept own weights in"),
+            (take, f"own weights non-finite; took network {peer}'s weights in"),
+        ):
+            bad = [names[i] for i in range(n) if flags is not None and flags[i]]
             if bad:
-                warnings.append(
-                    f"own weights non-finite in {len(bad)} layer(s) "
-                    f"({', '.join(names[i] for i in bad[:5])}); replaced by network {peer}'s"
-                )
-            take = usable if self.cfg.level == "layer" else self._per_filter(usable)
-            alpha.masked_fill_(take.to(alpha.device), 0.0)
-        return warnings
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                warnings.append(f"{text} {', '.join(bad[:5])}{more}")
+        return keep, take, warnings
 
     def _local(self, epoch: int) -> GraftRecord:
         cfg, info = self.cfg, self.info
