@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +30,10 @@ __all__ = [
     "distributed",
     "barrier",
 ]
+
+
+_STORE_KEY = "distgraft/store"
+_TOKEN_KEY = "distgraft/token"
 
 
 class LayoutError(ValueError):
@@ -113,15 +119,43 @@ def _device(local_rank: int) -> torch.device:
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
-    """The launcher's store, with keys private to this restart attempt.
+    """A store that holds only this attempt's keys.
 
-    torchrun's agent keeps one store across ``--max-restarts`` rounds; without a prefix the
-    restarted workers would find the dead workers' gloo addresses there and fail to connect.
+    torchrun's agent keeps one store for all ``--max-restarts`` rounds and hands it to the
+    workers (TORCHELASTIC_USE_AGENT_STORE). Restarted workers would find the dead workers'
+    gloo addresses there, and the restart count cannot serve as a key prefix because
+    agents on different nodes count differently. So rank 0 hosts a fresh store and
+    publishes its port with a random token; the others connect and check the token,
+    which tells a live store from an address left by the previous attempt.
     """
     url = f"env://?rank={rank}&world_size={world}"
     store, _, _ = next(dist.rendezvous(url, timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"distgraft/attempt{attempt}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store  # rank 0 hosts a new store for every attempt already
+    host = os.environ["MASTER_ADDR"]
+    if rank == 0:
+        token = uuid.uuid4().hex
+        own = dist.TCPStore(host, 0, world, is_master=True, timeout=timeout,
+                            wait_for_workers=False)  # fmt: skip
+        own.set(_TOKEN_KEY, token)
+        store.set(_STORE_KEY, f"{own.port}:{token}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, token = store.get(_STORE_KEY).decode().split(":")
+        try:
+            own = dist.TCPStore(host, int(port), world, is_master=False,
+                                timeout=timedelta(seconds=5))  # fmt: skip
+            if own.get(_TOKEN_KEY).decode() == token:
+                return own
+        except (RuntimeError, ValueError):  # refused or stale: rank 0 has not published yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: rank 0's store at {host}:{port} did not answer "
+                f"within {timeout.total_seconds():.0f} s"
+            )
+        time.sleep(0.2)
 
 
 def init_distributed(

@@ -12,6 +12,7 @@ polling of checkpoint files.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -69,7 +70,13 @@ def _missing(epoch: int, ranks: Sequence[int]) -> list[int] | None:
 
 
 def _peer_error(
-    what: str, epoch: int, timeout_s: float, ranks: Sequence[int], replicas: int, cause: Exception
+    what: str,
+    epoch: int,
+    timeout_s: float,
+    ranks: Sequence[int],
+    replicas: int,
+    cause: Exception,
+    waited_s: float,
 ) -> PeerError:
     missing = _missing(epoch, ranks)
     if missing:
@@ -77,22 +84,29 @@ def _peer_error(
         msg = f"{who} did not reach the graft of epoch {epoch}"
     else:
         who = ", ".join(f"network {r // replicas} (rank {r})" for r in ranks)
-        msg = f"no answer from {who} at the graft of epoch {epoch}"
+        msg = f"lost {who} at the graft of epoch {epoch}"
+    how = (
+        f"no answer within dist.timeout_s = {timeout_s:g} s"
+        if waited_s >= timeout_s * 0.95
+        else f"the connection failed after {waited_s:.1f} s"
+    )
     return PeerError(
-        f"rank {dist.get_rank()}: {msg} within dist.timeout_s = {timeout_s:g} s while "
-        f"waiting for {what}; the peer process died, hangs, or runs a different "
-        f"schedule (cause: {cause})"
+        f"rank {dist.get_rank()}: {msg} ({how} while waiting for {what}); the peer "
+        f"process died, hangs, or runs a different schedule (cause: {cause})"
     )
 
 
-def _wait(works, timeout_s: float, on_timeout) -> None:
+def _wait(works, timeout_s: float, on_error) -> None:
+    """Wait for every work item; ``on_error(cause, waited_s)`` builds the error to raise."""
+    start = time.monotonic()
     for work in works:
+        left = max(timeout_s - (time.monotonic() - start), 0.001)
         try:
-            ok = work.wait(timedelta(seconds=timeout_s))
+            ok = work.wait(timedelta(seconds=left))
         except RuntimeError as e:
-            raise on_timeout(e) from e
+            raise on_error(e, time.monotonic() - start) from e
         if ok is False:
-            raise on_timeout(RuntimeError("wait returned False"))
+            raise on_error(RuntimeError("wait returned False"), time.monotonic() - start)
 
 
 def flatten_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, Tensor]:
@@ -156,10 +170,10 @@ def post_exchange(
         ops.append(dist.P2POp(dist.irecv, r, recv_from))
     works = dist.batch_isend_irecv(ops)
 
-    def on_timeout(e: Exception) -> PeerError:
+    def on_timeout(e: Exception, waited_s: float) -> PeerError:
         return _peer_error(
             f"the weights of rank {recv_from} (and to deliver ours to rank {send_to})",
-            epoch, timeout_s, sorted({recv_from, send_to}), replicas, e,
+            epoch, timeout_s, sorted({recv_from, send_to}), replicas, e, waited_s,
         )  # fmt: skip
 
     return PendingExchange(works, recvs, on_timeout, timeout_s)
@@ -214,8 +228,8 @@ def gather_criteria(values: Tensor, timeout_s: float, epoch: int = -1, replicas:
     _wait(
         [work],
         timeout_s,
-        lambda e: _peer_error(
-            "every network's criterion", epoch, timeout_s, range(world), replicas, e
+        lambda e, waited: _peer_error(
+            "every network's criterion", epoch, timeout_s, range(world), replicas, e, waited
         ),
     )
     return torch.stack(out)
