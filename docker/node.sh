@@ -23,10 +23,9 @@
 # Arguments given to the script (compose `command:`) come last and win.
 set -euo pipefail
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
-    exit 0
-fi
+# shellcheck source=SCRIPTDIR/../launch/common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/common.bash"
+handle_help "$@"
 
 NODES="${NODES:-1}"
 NPROC="${NPROC:-1}"

@@ -32,27 +32,9 @@
 # `launch/multinode.sh --help` (or -h) prints this text.
 set -euo pipefail
 
-usage() {
-    # The header comment above is the documentation: print it without the '#'.
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
-}
-
-# One process per visible GPU; without a usable nvidia-smi, 2 CPU processes (gloo).
-gpu_count() {
-    local n
-    if command -v nvidia-smi >/dev/null 2>&1 \
-        && n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')" \
-        && [[ "$n" -gt 0 ]]; then
-        echo "$n"
-    else
-        echo 2
-    fi
-}
-
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    exit 0
-fi
+# shellcheck source=SCRIPTDIR/common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+handle_help "$@"
 
 # No sensible default exists: every node must name the same host, so fail early
 # instead of letting each node wait for a rendezvous that never completes.
