@@ -17,6 +17,7 @@ slightly less than one; see ``tests/test_entropy.py`` for the tolerance that imp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,11 +45,41 @@ def _check_finite(lo: Tensor, hi: Tensor, what: str) -> None:
     """One host sync for the whole batch: min/max propagate NaN and Inf."""
     bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
     if bool(bad.any()):
-        idx = bad.nonzero().flatten().tolist()
-        raise ValueError(
-            f"{what} {idx[:8]} contain NaN or Inf values; entropy is only defined for "
-            "finite weights (did training diverge?)"
-        )
+        _raise_non_finite(bad.nonzero().flatten().tolist(), what)
+
+
+def _raise_non_finite(idx: list[int], what: str) -> None:
+    raise ValueError(
+        f"{what} {idx[:8]} contain NaN or Inf values; entropy is only defined for "
+        "finite weights (did training diverge?)"
+    )
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _binning_dtype(dtype: torch.dtype, width: float, bins: int) -> torch.dtype:
+    """float32 for the binning unless the input is float64 or float32 would overflow.
+
+    Half and bfloat16 are upcast: their 8-11 bit mantissas misplace values near bin edges
+    and bins / width overflows float16 for ranges below 1.5e-4.
+    """
+    if dtype == torch.float64:
+        return dtype
+    if width >= _F32_MAX or bins / width >= _F32_MAX:
+        return torch.float64  # a range beyond float32, or one of a few subnormals
+    return torch.float32
+
+
+def _bin_index(x: Tensor, lo: Tensor | float, scale: Tensor | float, bins: int) -> Tensor:
+    """Bin of each value, in [0, bins): ``(x - lo) * scale`` with scale = bins / (hi - lo).
+
+    x >= lo, so the product is >= 0 and the integer cast truncates like floor; the clamp
+    puts the maximum (product == bins) into the last bin. int32 indices make the cast and
+    bincount about 5x cheaper than int64 on CPU. scale = 0 (a constant tensor) puts
+    everything into bin 0, so its entropy is 0.
+    """
+    return ((x - lo) * scale).clamp_max_(bins - 1).to(torch.int32)
 
 
 def _flat_view(t: Tensor) -> Tensor:
@@ -66,33 +97,32 @@ def _flat_view(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
-def _bin_index(x: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
-    """Bin of each value, in [0, bins): equal-width bins on [lo, hi], max in the last bin.
-
-    A constant tensor (hi == lo) puts everything in bin 0, so its entropy is 0.
-    """
-    width = hi - lo
-    scale = torch.where(width > 0, bins / width, torch.zeros_like(width))
-    # x >= lo, so the product is >= 0 and the integer cast truncates like floor; the
-    # clamp puts the maximum (product == bins) into the last bin. int32 indices make the
-    # cast and bincount about 5x cheaper than int64 on CPU.
-    return ((x - lo) * scale).clamp_max_(bins - 1).to(torch.int32)
+def _histogram(w: Tensor, lo: float, hi: float, bins: int) -> Tensor:
+    """Counts of one flat tensor in ``bins`` equal-width bins on [lo, hi]."""
+    width = hi - lo  # Python float (double): no overflow for any float32 range
+    if width <= 0:  # a constant tensor: everything in bin 0, entropy 0
+        counts = torch.zeros(bins, dtype=torch.long, device=w.device)
+        counts[0] = w.numel()
+        return counts
+    dtype = _binning_dtype(w.dtype, width, bins)
+    return torch.bincount(_bin_index(w.to(dtype), lo, bins / width, bins), minlength=bins)
 
 
 def layer_entropies(tensors: Sequence[Tensor], bins: int = 10) -> Tensor:
-    """Whole-layer histogram entropy of each tensor, without a host sync per layer.
+    """Whole-layer histogram entropy of each tensor.
 
     Args:
-        tensors: the layers' weight tensors (any shapes, one device, floating dtype).
+        tensors: the layers' weight tensors (any shapes and layouts, one device).
         bins: number of equal-width bins B (>= 2); the result lies in [0, ln B].
 
     Returns:
         float32 tensor of shape [len(tensors)] on the tensors' device.
 
-    Per layer: min/max, bin index, bincount, all as tensor ops (the bounds never leave the
-    device), then one entropy over the stacked [L, B] counts. This beats one bincount over
-    all layers concatenated: that needs per-element copies of the bounds, and the extra
-    memory traffic costs more than the few hundred small kernel launches saved.
+    All layers' min/max are computed on the device and read back in one host sync (which
+    also rejects NaN/Inf with a clear error); then each layer is binned with its bounds as
+    scalars and counted with one bincount, and one entropy runs over the stacked [L, B]
+    counts. One bincount over all layers concatenated would need per-element copies of the
+    bounds: that memory traffic costs more than the few hundred small kernels it saves.
     """
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
@@ -101,13 +131,11 @@ def layer_entropies(tensors: Sequence[Tensor], bins: int = 10) -> Tensor:
     flat = [_flat_view(t.detach()) for t in tensors]
     if any(w.numel() == 0 for w in flat):
         raise ValueError("layer_entropies got an empty tensor; every layer needs weights")
-    bounds = torch.stack([torch.stack(torch.aminmax(w)) for w in flat])
-    ext = bounds.float()
-    _check_finite(ext[:, 0], ext[:, 1], "layers")  # one sync, before any integer cast
-    counts = [
-        torch.bincount(_bin_index(w, b[0], b[1], bins), minlength=bins)
-        for w, b in zip(flat, bounds, strict=True)
-    ]
+    bounds = torch.stack([torch.stack(torch.aminmax(w)).double() for w in flat]).tolist()
+    bad = [i for i, (lo, hi) in enumerate(bounds) if not (math.isfinite(lo) and math.isfinite(hi))]
+    if bad:
+        _raise_non_finite(bad, "layers")
+    counts = [_histogram(w, lo, hi, bins) for w, (lo, hi) in zip(flat, bounds, strict=True)]
     return entropy_from_counts(torch.stack(counts)).float()
 
 
@@ -115,14 +143,20 @@ def filter_entropies(weight: Tensor, bins: int = 10) -> Tensor:
     """Histogram entropy of each output filter (dim 0) of a weight tensor.
 
     Each filter gets its own bins between its own min and max (the per-filter entropy of
-    the paper's eq. 4). Returns float32 [out_channels].
+    the paper's eq. 4), binned exactly like ``layer_entropies`` bins a layer, so a filter
+    gives the same entropy either way. Returns float32 [out_channels].
     """
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
-    w = weight.detach().reshape(weight.shape[0], -1).float()
+    w = weight.detach().reshape(weight.shape[0], -1)
     lo, hi = torch.aminmax(w, dim=1)
+    lo, hi = lo.double(), hi.double()
     _check_finite(lo, hi, "filters")
-    idx = _bin_index(w, lo[:, None], hi[:, None], bins)
+    width = hi - lo
+    scale = torch.where(width > 0, bins / width, torch.zeros_like(width))
+    unsafe = (width >= _F32_MAX) | (scale >= _F32_MAX)
+    dtype = torch.float64 if w.dtype == torch.float64 or bool(unsafe.any()) else torch.float32
+    idx = _bin_index(w.to(dtype), lo.to(dtype)[:, None], scale.to(dtype)[:, None], bins)
     idx += torch.arange(w.shape[0], device=w.device, dtype=torch.int32)[:, None] * bins
     counts = torch.bincount(idx.reshape(-1), minlength=w.shape[0] * bins)
     return entropy_from_counts(counts.view(w.shape[0], bins)).float()

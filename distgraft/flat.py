@@ -84,9 +84,13 @@ class FlatState:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def signature(self) -> list[tuple[str, tuple[int, ...], str]]:
-        """(key, shape, dtype) of every slot in wire order: peers must agree on it."""
-        return [(s.key, tuple(s.shape), str(s.dtype)) for s in self.slots]
+    def signature(self) -> list[tuple[str, tuple[int, ...], str, tuple[int, ...]]]:
+        """(key, shape, dtype, strides) of every slot in wire order: peers must agree on it.
+
+        Strides matter: a channels_last peer stores the same conv weight in another element
+        order, and mixing the two flat buffers would blend unrelated weights.
+        """
+        return [(s.key, tuple(s.shape), str(s.dtype), tuple(s.stride)) for s in self.slots]
 
     def views(self, buffers: dict[torch.dtype, Tensor]) -> dict[str, Tensor]:
         """Split flat buffers laid out like this state into per-key tensors (no copy)."""
@@ -150,7 +154,8 @@ class FlatState:
                     w = w[s.layer]
                 else:
                     n = self.plan.layers[s.layer].filters
-                    w = w[starts[s.layer] : starts[s.layer] + n].view(n, *[1] * (own.dim() - 1))
+                    w = w[starts[s.layer] : starts[s.layer] + n]
+                    w = w.view(n, *[1] * (own.dim() - 1)) if own.dim() else w.view(())
                 selfs.append(own)
                 ends.append(other)
                 weights.append(w)

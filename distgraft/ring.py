@@ -235,18 +235,18 @@ def gather_criteria(values: Tensor, timeout_s: float, epoch: int = -1, replicas:
     return torch.stack(out)
 
 
-def _digest(signature: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+def _digest(signature: list[tuple]) -> bytes:
     return hashlib.sha256(repr(signature).encode()).digest()
 
 
 def check_signature(
-    signature: list[tuple[str, tuple[int, ...], str]],
+    signature: list[tuple],
     device: torch.device,
     timeout_s: float,
     epoch: int = -1,
     replicas: int = 1,
 ) -> None:
-    """Every rank must hold the same (name, shape, dtype) list; else all ranks raise.
+    """Every rank must hold the same (name, shape, dtype, strides) list; else all raise.
 
     Compares 32-byte digests first (cheap, bounded by the timeout); only on a mismatch
     are the full signatures gathered to name both ranks and the first differing tensor.
@@ -280,8 +280,8 @@ def _first_difference(a: list, b: list, ra: int, rb: int) -> str:
             return f"tensor {x[0]!r} exists only on rank {ra}"
         if x[0] != y[0]:
             return f"tensor #{i} is {x[0]!r} on rank {ra} but {y[0]!r} on rank {rb}"
-        return (
-            f"tensor {x[0]!r} is {list(x[1])} {x[2]} on rank {ra} but "
-            f"{list(y[1])} {y[2]} on rank {rb}"
-        )
+        def describe(sig: tuple) -> str:
+            return f"{list(sig[1])} {sig[2]} (strides {list(sig[3])})"
+
+        return f"tensor {x[0]!r} is {describe(x)} on rank {ra} but {describe(y)} on rank {rb}"
     return "signatures differ"  # pragma: no cover - digests differed, lists did not
