@@ -57,7 +57,7 @@ class ModelConfig:
     name: str = "resnet32"
     """resnet20/32/56/110 (+ _leaky), mobilenetv2, vgg16_bn, digits_cnn, or torchvision:ARCH."""
     channels_last: bool = True
-    """Keep conv weights and activations in channels_last memory format (faster on GPUs)."""
+    """Keep conv weights and activations in channels_last (NHWC): faster on GPUs and CPUs."""
     compile: bool = False
     """Wrap the model in torch.compile (first epoch pays the compile time)."""
 

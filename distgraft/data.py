@@ -495,11 +495,18 @@ def _load_synthetic(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images scaled to [0, 1]."""
-    x = images.to(torch.float64).div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3), correction=0).clamp_min(1e-6)
-    return tuple(mean.tolist()), tuple(std.tolist())
+    """Per-channel mean and (population) std of uint8 images scaled to [0, 1].
+
+    From integer sums per channel (exact in int64), so no float copy of the dataset.
+    """
+    c = images.shape[1]
+    x = images.transpose(0, 1).reshape(c, -1).to(torch.int64)
+    n = x.shape[1]
+    total, squares = x.sum(1).double(), (x * x).sum(1).double()
+    mean = total / n
+    var = (squares / n - mean * mean).clamp_min(0.0)
+    std = var.sqrt().clamp_min(1e-6 * 255.0)
+    return tuple((mean / 255.0).tolist()), tuple((std / 255.0).tolist())
 
 
 # --------------------------------------------------------------------------- ImageNet

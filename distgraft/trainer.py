@@ -9,6 +9,7 @@ never stalled by a per-step host sync.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -79,7 +80,7 @@ class Trainer:
         self.device = info.device
         self.seed = cfg.run.seed + 1000 * info.network
         _seed_everything(self.seed)
-        channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        channels_last = cfg.model.channels_last
         self.train_loader, self.test_loader, self.data_info = build_data(
             cfg.data, self.device, self.seed, info.replica, info.replicas, channels_last
         )
@@ -169,9 +170,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen, steps = 0, len(self.train_loader)
         start = last_report = time.perf_counter()
-        for step, (x, y) in enumerate(self.train_loader):
-            if max_steps is not None and step >= max_steps:
-                break
+        for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
             loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
