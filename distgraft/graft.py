@@ -26,8 +26,6 @@ __all__ = [
     "GraftPlan",
     "graft_plan",
     "criterion",
-    "expand_alpha",
-    "mix_",
     "graft_noise_",
     "graft_internal_",
 ]
@@ -182,29 +180,6 @@ def criterion(
         else:
             parts.append(filter_l1(w2) / w2.shape[1])
     return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def filters_per_layer(plan: GraftPlan) -> list[int]:
-    return [layer.filters for layer in plan.layers]
-
-
-def expand_alpha(
-    alpha: Tensor, sizes: Tensor, index: Tensor, numel: int, dtype: torch.dtype
-) -> Tensor:
-    """Per-element alphas of a flat buffer made of segments.
-
-    Segment s covers ``sizes[s]`` consecutive elements and uses ``alpha[index[s]]``.
-    One pass; no Python loop over layers or filters.
-    """
-    return torch.repeat_interleave(alpha[index].to(dtype), sizes, output_size=numel)
-
-
-def mix_(own: Tensor, peer: Tensor, alpha: Tensor | float) -> Tensor:
-    """In place: own <- alpha * own + (1 - alpha) * peer, as one fused lerp."""
-    weight = 1.0 - alpha
-    if isinstance(weight, Tensor):
-        weight = weight.to(own.dtype)
-    return own.lerp_(peer.to(own.dtype), weight)
 
 
 def graft_noise_(

@@ -280,6 +280,7 @@ def _first_difference(a: list, b: list, ra: int, rb: int) -> str:
             return f"tensor {x[0]!r} exists only on rank {ra}"
         if x[0] != y[0]:
             return f"tensor #{i} is {x[0]!r} on rank {ra} but {y[0]!r} on rank {rb}"
+
         def describe(sig: tuple) -> str:
             return f"{list(sig[1])} {sig[2]} (strides {list(sig[3])})"
 

@@ -310,7 +310,7 @@ def test_golden_entropy_on_trained_like_layers() -> None:
         assert h == pytest.approx(sum(eta(c / n) for c in counts), abs=slack)
 
 
-# ---------------------------------------------------- known defects (documented, xfail)
+# ------------------------------------------- edges of the float range, dtypes and layouts
 
 
 @pytest.mark.parametrize("fn", [layer_entropies, lambda ts: filter_entropies(ts[0][None])])

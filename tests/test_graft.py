@@ -20,11 +20,9 @@ from distgraft.flat import FlatState
 from distgraft.graft import (
     coefficient,
     criterion,
-    expand_alpha,
     graft_internal_,
     graft_noise_,
     graft_plan,
-    mix_,
 )
 
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -243,23 +241,6 @@ def test_golden_coefficient_values() -> None:
     for h1, h2, alpha in cases:
         assert reference_alpha(h1, h2) == alpha
         assert round(coefficient(h1, h2).item(), 2) == alpha
-
-
-def test_mix_and_expand_alpha() -> None:
-    own, peer = torch.arange(6.0), torch.full((6,), 10.0)
-    alpha = expand_alpha(
-        torch.tensor([0.25, 1.0, 0.5]),
-        torch.tensor([2, 3, 1]),
-        torch.tensor([2, 0, 1]),
-        6,
-        torch.float32,
-    )
-    assert alpha.tolist() == [0.5, 0.5, 0.25, 0.25, 0.25, 1.0]
-    mix_(own, peer, alpha)
-    torch.testing.assert_close(own, torch.tensor([5.0, 5.5, 8.0, 8.25, 8.5, 5.0]))
-    x = torch.ones(3)
-    mix_(x, torch.zeros(3), 0.7)
-    torch.testing.assert_close(x, torch.full((3,), 0.7))
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -534,7 +515,7 @@ def test_flat_state_keeps_model_training(name: str, channels_last: bool) -> None
 
     # A mix after all that still reaches the model.
     peer = copy.deepcopy(other)
-    if channels_last:  # peers must share the memory format (see the xfail test below)
+    if channels_last:  # peers must share the memory format (see the signature test below)
         peer = peer.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for p in peer.parameters():
@@ -566,13 +547,7 @@ class _WithScalar(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(2.0))  # 0-dim: a layer of its own
 
 
-@pytest.mark.parametrize(
-    "level",
-    [
-        "layer",
-        "filter",
-    ],
-)
+@pytest.mark.parametrize("level", ["layer", "filter"])
 def test_mix_scalar_parameter(level: str) -> None:
     own, peer = _WithScalar(), _WithScalar()
     with torch.no_grad():

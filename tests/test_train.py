@@ -56,9 +56,7 @@ def events(run_dir: Path) -> list[dict]:
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
