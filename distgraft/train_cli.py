@@ -189,6 +189,7 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
     if t.zmq:
         address = None
         if info.is_main:
+            _warn_if_unreachable(t.address)
             collector = Collector(t.address, t.publish, t.max_message_bytes).start()
             address = collector.address
             write_endpoints(cfg.run_dir, collector.address, collector.publish_address)
@@ -196,6 +197,25 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
         if info.is_network_lead:
             sinks.append(ZmqSink(address))
     return Telemetry(sinks), collector
+
+
+def _nodes() -> int:
+    """Number of nodes in this job, as torchrun or SLURM tell it (1 when unknown)."""
+    for var in ("GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _warn_if_unreachable(address: str) -> None:
+    if _nodes() > 1 and ("//127.0.0.1:" in address or "//localhost:" in address):
+        print(
+            f"distgraft train: warning: telemetry.address = {address!r} is loopback but the job "
+            "spans several nodes: the live view will miss the other nodes' networks "
+            "(metrics.jsonl is complete). Use --telemetry.address='tcp://*:0' to fix.",
+            file=sys.stderr,
+        )
 
 
 def _share(address: str | None, info: DistInfo) -> str:
