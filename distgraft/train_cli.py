@@ -7,9 +7,9 @@ size, missing datasets) is checked before any process group starts and exits wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from distgraft.config import Config, ConfigError, field_docs, load_config, to_toml, validate
@@ -140,7 +140,7 @@ def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
             "summary",
             0,
             cfg.run.epochs - 1,
-            networks=[{k: v for k, v in vars(s).items() if k != "extra"} for s in summaries],
+            networks=[dataclasses.asdict(s) for s in summaries],
             ensemble_acc=ensemble,
             run_dir=str(cfg.run_dir),
         )
@@ -156,10 +156,12 @@ def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
 def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]:
     import torch.distributed as dist
 
+    from distgraft.dist import barrier
+
     if info.world_size == 1:
         return [summary]
     every: list = [None] * info.world_size
-    dist.monitored_barrier(timeout=timedelta(seconds=timeout_s)) if info.backend == "gloo" else None
+    barrier(info, timeout_s, "the end of training")  # bounded: a lost peer raises here
     dist.all_gather_object(every, summary)
     return [s for s in every if s is not None][:: info.replicas]
 

@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,7 +69,6 @@ class Summary:
     final_acc: float
     invalid_01: int
     invalid_001: int
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
