@@ -28,7 +28,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import free_port, set_worker_env  # bench/common.py
 from torch import nn
 
 MODELS = ("resnet32", "resnet50")
@@ -55,12 +55,6 @@ def build(name: str) -> nn.Module:
     import torchvision
 
     return torchvision.models.resnet50()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
@@ -138,13 +132,7 @@ def measure(model_name: str, info, repeats: int, folder: Path, with_files: bool)
 def worker(
     rank: int, world: int, port: int, backend: str, repeats: int, folder: str, results
 ) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_worker_env(rank, world, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from distgraft.dist import close, init_distributed
 

@@ -37,73 +37,20 @@ import dataclasses
 import json
 import os
 import queue
-import resource
-import socket
 import sys
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
+from common import NullTelemetry, cpu_name, cpu_ticks, free_port, set_worker_env  # bench/common.py
 
 TIMEOUT_S = 300.0
 CIFAR_TRAIN = 50000
 
 
-class NullTelemetry:
-    def emit(self, event: str, network: int, epoch: int, **fields) -> None:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy jiffies of the machine incl. steal, jiffies of this process and its children)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-    me, own = os.getpid(), 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == me or int(rest[1]) == me:
-            own += int(rest[11]) + int(rest[12])  # utime + stime
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # children already joined
-    own += round((done.ru_utime + done.ru_stime) * os.sysconf("SC_CLK_TCK"))
-    return busy, own
-
-
 def worker(rank: int, world: int, port: int, opts: dict, results) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_worker_env(rank, world, port)
     torch.set_num_threads(opts["threads"])
     from distgraft.config import Config, with_overrides
     from distgraft.dist import barrier, close, init_distributed

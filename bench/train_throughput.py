@@ -44,8 +44,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -54,6 +52,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from common import NullTelemetry, cpu_name, cpu_ticks  # bench/common.py
 from torch import nn
 
 MODELS = ("resnet32", "mobilenetv2")
@@ -66,24 +65,6 @@ CUDA_TARGETS = {"resnet32": 5.0}
 # ~0.5 s on 2 idle CPU cores (eager fp32), MobileNetV2 ~2.2 s; a GPU needs long windows.
 DEFAULT_STEPS = {("cpu", "resnet32"): 8, ("cpu", "mobilenetv2"): 4}
 DEFAULT_STEPS_CUDA = 100
-
-
-class NullTelemetry:
-    """The trainer's telemetry interface; the bench discards progress events."""
-
-    def emit(self, event: str, network: int, epoch: int, **fields) -> None:
-        pass
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -259,34 +240,6 @@ def input_ms(trainer, reference: ReferenceLoop, device: torch.device) -> tuple[f
     finally:
         torch.set_num_threads(threads)
     return 1e3 * ours, 1e3 * theirs
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy jiffies of the machine incl. steal, jiffies of this process and its children).
-
-    The children are the reference's DataLoader workers. None where /proc is missing.
-    """
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-    me, own = os.getpid(), 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == me or int(rest[1]) == me:
-            own += int(rest[11]) + int(rest[12])  # utime + stime
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # children already joined
-    own += round((done.ru_utime + done.ru_stime) * os.sysconf("SC_CLK_TCK"))
-    return busy, own
 
 
 def timed(fn: Callable[[], int], device: torch.device) -> tuple[float, float | None]:
