@@ -19,13 +19,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from dist_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -42,12 +42,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not _LEAKY.fullmatch(k)}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=PYTHON, **extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_args(run_dir: Path, name: str, epochs: int, *extra: str) -> list[str]:
@@ -137,7 +131,7 @@ def _assert_grafted(run: Path, epochs: int, logs: str) -> list[dict]:
 def _multinode(procs: _Procs, tmp_path: Path, args: list[str], **knobs: str) -> list[Path]:
     """Two launch/multinode.sh on 127.0.0.1, one worker each: a 2-node, 2-network job."""
     env = _env(
-        RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
         NNODES="2",
         NPROC="1",
         RDZV_ID=f"{tmp_path.name}-{os.getpid()}",
@@ -272,7 +266,7 @@ class _Slurm:
         self, procs: _Procs, script: str, sbatch_opts: list[str], args: list[str], **knobs: str
     ) -> tuple[Path, Path]:
         """Start ``sbatch --wait ... script args``; (the job's log, sbatch's own output)."""
-        job = str(_free_port())  # some unique number
+        job = str(free_port())  # some unique number
         env = _env(
             PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
             STUB_HOSTS=self.HOSTS,
@@ -295,7 +289,7 @@ class _Slurm:
 @pytest.mark.timeout(150)
 def test_slurm_multi_node_sbatch_two_nodes(procs, tmp_path: Path) -> None:
     slurm = _Slurm(tmp_path)
-    port = _free_port()
+    port = free_port()
     out, sblog = slurm.submit(
         procs,
         "launch/slurm/multi_node.sbatch",
@@ -320,7 +314,7 @@ def test_slurm_multi_node_sbatch_two_nodes(procs, tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_slurm_srun_plain_sbatch_two_tasks(procs, tmp_path: Path) -> None:
     slurm = _Slurm(tmp_path)
-    port = _free_port()
+    port = free_port()
     out, sblog = slurm.submit(
         procs,
         "launch/slurm/srun_plain.sbatch",

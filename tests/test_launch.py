@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dist_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -517,12 +517,6 @@ def stub_trainer(tmp_path: Path) -> Callable[..., dict[str, str]]:
         )
 
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def results(tmp_path: Path) -> dict[str, dict]:

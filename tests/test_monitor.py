@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from dist_helpers import free_port
 
 from distgraft.monitor import Board, Screen, resolve_target
 from distgraft.monitor import run as monitor_run
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.timeout(40)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "[run]\nepochs = 5\n[graft]\na = 0.4\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def epoch_event(net: int, epoch: int, test_acc: float | None = 70.0) -> dict:
