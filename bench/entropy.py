@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from distgraft.entropy import entropy_from_counts, layer_entropies
-from distgraft.graft import graft_plan
+from distgraft.graft.entropy import entropy_from_counts, layer_entropies
+from distgraft.graft.math import graft_plan
 
 BINS = 10
 

@@ -9,12 +9,19 @@ b. ``Grafter.step`` end to end (layer-level entropy, float32 wire): criterion, a
    ring exchange of the flat state, finiteness checks, fused mix, invalid-filter counts;
 c. the reference implementation's transport: ``torch.save`` of the state dict into a shared
    temp folder, a barrier (instead of the reference's polling, so no sleep is counted),
-   ``torch.load`` of the predecessor's file. No criterion, no mix.
+   ``torch.load`` of the predecessor's file. No criterion, no mix;
+d. ``ring_exchange`` of the graftable tensors as separate tensors (a model without a
+   FlatState): they are packed with ``torch.cat`` first and unpacked after;
+e. ``ring_exchange`` of the same tensors as FlatState views: sent without a copy;
+f. the packing alone (``flatten_by_dtype`` of d's tensors, no communication).
+
+c moves the whole state dict (every buffer, ``num_batches_tracked`` included), a, b, d and
+e the graftable floats: the sizes differ by a few hundred bytes.
 
 Each is run once to warm up, then ``--repeats`` times (default 7 for ResNet-32, 3 for
 ResNet-50); a repeat's time is the slowest rank's (the graft is done when the last rank
 is), and the row reports the median. One JSON line per (model, world) goes to stdout,
-with b/a and c/b and whether the targets hold
+with b/a, c/b, d/e and whether the targets hold
 (b <= 1.5 a; c >= 5 b, stated for the ResNet-50 size). With >= 2 CUDA GPUs an NCCL row
 (one GPU per rank) adds the transfer in GB/s; otherwise the row says it was not measured.
 
@@ -74,14 +81,16 @@ def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> list
 
 
 def measure(model_name: str, info, repeats: int, folder: Path, with_files: bool) -> dict:
+    from distgraft.comm.ring import exchange_buffers, flatten_by_dtype, ring_exchange
     from distgraft.config import GraftConfig
-    from distgraft.ring import exchange_buffers
-    from distgraft.step import Grafter
+    from distgraft.graft.step import Grafter
 
     torch.manual_seed(1000 * info.network)  # different networks, realistic entropy gaps
     model = build(model_name).to(info.device)
     grafter = Grafter(model, info, GraftConfig(), TIMEOUT_S)
     numel = grafter.flat.numel
+    views = list(grafter.flat.tensors().values())
+    separate = [v.clone() for v in views]  # same tensors, each in its own storage
     buffer = torch.randn(numel, device=info.device)
     send_to, recv_from = info.rank_of(info.successor), info.rank_of(info.predecessor)
 
@@ -102,9 +111,21 @@ def measure(model_name: str, info, repeats: int, folder: Path, with_files: bool)
             weights_only=True,
         )
 
+    def ring_separate() -> None:
+        ring_exchange(separate, timeout_s=TIMEOUT_S)
+
+    def ring_views() -> None:
+        ring_exchange(views, timeout_s=TIMEOUT_S)
+
+    def pack() -> None:
+        flatten_by_dtype(separate)
+
     a = _timed(raw, repeats, info.device)
     b = _timed(step, repeats, info.device)
     c = _timed(files, repeats, info.device) if with_files else None
+    d = _timed(ring_separate, repeats, info.device)
+    e = _timed(ring_views, repeats, info.device)
+    f = _timed(pack, repeats, info.device)
     med = statistics.median
     row = {
         "model": model_name,
@@ -119,6 +140,11 @@ def measure(model_name: str, info, repeats: int, folder: Path, with_files: bool)
         "b_exchange_ms": round(1e3 * med(r.exchange_s for r in records[1:]), 2),
         "a_gb_s": round(numel * 4 / med(a) / 1e9, 3),
         "b_over_a": round(med(b) / med(a), 2),
+        "d_ring_separate_ms": round(1e3 * med(d), 2),
+        "e_ring_flat_views_ms": round(1e3 * med(e), 2),
+        "f_flatten_ms": round(1e3 * med(f), 2),
+        "d_over_e": round(med(d) / med(e), 2),
+        "tensors": len(views),
     }
     if c is not None:
         row["c_ms"] = round(1e3 * med(c), 2)
@@ -134,7 +160,7 @@ def worker(
 ) -> None:
     set_worker_env(rank, world, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from distgraft.dist import close, init_distributed
+    from distgraft.comm.dist import close, init_distributed
 
     try:
         info = init_distributed(0, backend, TIMEOUT_S)

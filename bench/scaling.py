@@ -52,9 +52,9 @@ CIFAR_TRAIN = 50000
 def worker(rank: int, world: int, port: int, opts: dict, results) -> None:
     set_worker_env(rank, world, port)
     torch.set_num_threads(opts["threads"])
+    from distgraft.comm.dist import barrier, close, init_distributed
     from distgraft.config import Config, with_overrides
-    from distgraft.dist import barrier, close, init_distributed
-    from distgraft.trainer import Trainer
+    from distgraft.train.trainer import Trainer
 
     try:
         info = init_distributed(0, "gloo" if opts["device"] == "cpu" else "nccl", TIMEOUT_S)

@@ -111,8 +111,8 @@ class ReferenceLoop:
     ) -> None:
         from torchvision import transforms
 
-        from distgraft.data import CIFAR10_MEAN, CIFAR10_STD
         from distgraft.models import build_model
+        from distgraft.train.data import CIFAR10_MEAN, CIFAR10_STD
 
         transform = transforms.Compose(
             [
@@ -168,9 +168,9 @@ class ReferenceLoop:
 
 
 def make_trainer(model_name: str, device: torch.device, args: argparse.Namespace, run_dir: str):
+    from distgraft.comm.dist import init_distributed
     from distgraft.config import Config, with_overrides
-    from distgraft.dist import init_distributed
-    from distgraft.trainer import Trainer
+    from distgraft.train.trainer import Trainer
 
     # World size 1 (no launcher env). One process group serves every device of the run, so
     # give it a backend for both (a plain "nccl" group could not graft CPU tensors).
@@ -197,7 +197,7 @@ def make_trainer(model_name: str, device: torch.device, args: argparse.Namespace
 def graft_seconds(trainer, info, repeats: int) -> float:
     """Median seconds of a world-size-1 external graft of the trainer's model."""
     from distgraft.config import GraftConfig
-    from distgraft.step import Grafter
+    from distgraft.graft.step import Grafter
 
     grafter = Grafter(trainer.model, info, GraftConfig(), 60.0, trainer.seed)
     times = []
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.windows, args.warmup) < 1 or args.steps < 0:
         parser.error("--windows and --warmup must be >= 1, --steps >= 0")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    from distgraft.dist import close
+    from distgraft.comm.dist import close
 
     try:
         for name, device in devices(args.device):

@@ -12,10 +12,10 @@ import sys
 
 # Subcommand -> module; imported lazily so `distgraft --help` does not import torch.
 COMMANDS = {
-    "train": "distgraft.train_cli",
-    "monitor": "distgraft.monitor",
-    "analyze": "distgraft.analyze",
-    "report": "distgraft.report",
+    "train": "distgraft.train.cli",
+    "monitor": "distgraft.telemetry.monitor",
+    "analyze": "distgraft.tools.analyze",
+    "report": "distgraft.tools.report",
 }
 
 

@@ -95,7 +95,7 @@ def values(outcomes: Sequence[Outcome]) -> list[Any]:
 def _serve(slot: int, tasks: mp.Queue, results: mp.Queue) -> None:
     """Worker loop: run tasks until told to stop (None)."""
     torch.set_num_threads(1)  # several workers share 2 cores; threads only add contention
-    from distgraft.dist import close
+    from distgraft.comm.dist import close
 
     while True:
         task = tasks.get()

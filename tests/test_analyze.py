@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from distgraft.analyze import AnalyzeError, analyze, render
-from distgraft.analyze import run as analyze_run
-from distgraft.entropy import layer_entropies, layer_l1
+from distgraft.graft.entropy import layer_entropies, layer_l1
+from distgraft.tools.analyze import AnalyzeError, analyze, render
+from distgraft.tools.analyze import run as analyze_run
 
 pytestmark = pytest.mark.timeout(40)
 

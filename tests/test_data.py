@@ -1,4 +1,4 @@
-"""Tests of distgraft.data: splits, determinism, sharding, augmentation, file formats.
+"""Tests of distgraft.train.data: splits, determinism, sharding, augmentation, file formats.
 
 Everything runs on CPU with tiny datasets written into tmp_path (CIFAR in torchvision's
 python format, an ImageFolder of PNGs), so the suite needs no download and stays fast.
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from distgraft.config import DataConfig
-from distgraft.data import (
+from distgraft.train.data import (
     DataError,
     DataInfo,
     DeviceLoader,

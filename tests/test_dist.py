@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist_helpers import shared_pool, values
 from torch import nn
 
-from distgraft.dist import (
+from distgraft.comm.dist import (
     DistInfo,
     LayoutError,
     close,

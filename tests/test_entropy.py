@@ -1,4 +1,4 @@
-"""Property and golden tests of the information criteria in ``distgraft.entropy``.
+"""Property and golden tests of the information criteria in ``distgraft.graft.entropy``.
 
 The golden tests compare against a short, literal re-implementation of the authors' entropy
 (see ``reference_entropy``), written here from the formula in the spec, not from their code.
@@ -13,7 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from distgraft.entropy import (
+from distgraft.graft.entropy import (
     entropy_from_counts,
     filter_entropies,
     filter_l1,

@@ -1,4 +1,4 @@
-"""Tests of the grafting math (``distgraft.graft``) and the flat graft state (``distgraft.flat``).
+"""Tests of the grafting math (``distgraft.graft.math``) and the flat graft state.
 
 Small CIFAR-style ResNet and VGG models are defined here so that these tests do not depend
 on the model zoo; the zoo's models and torchvision's are checked too.
@@ -16,8 +16,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from distgraft.flat import FlatState
-from distgraft.graft import (
+from distgraft.graft.flat import FlatState
+from distgraft.graft.math import (
     coefficient,
     criterion,
     graft_internal_,
@@ -444,7 +444,7 @@ def test_filter_graft_mixes_each_filter_and_its_bn_channel(kind: str, channels_l
 def test_filter_criterion_matches_per_filter_functions() -> None:
     gen = torch.Generator().manual_seed(0)
     ws = [torch.randn(6, 3, 3, 3, generator=gen), torch.randn(4, 6, generator=gen)]
-    from distgraft.entropy import filter_entropies, filter_l1
+    from distgraft.graft.entropy import filter_entropies, filter_l1
 
     ent = criterion(ws, "entropy", "filter")
     torch.testing.assert_close(ent, torch.cat([filter_entropies(w) for w in ws]))

@@ -17,8 +17,6 @@ import pytest
 import zmq
 from dist_helpers import free_port
 
-from distgraft.monitor import Board, Screen, resolve_target
-from distgraft.monitor import run as monitor_run
 from distgraft.telemetry import (
     Collector,
     JsonlSink,
@@ -27,6 +25,8 @@ from distgraft.telemetry import (
     pack_event,
     write_endpoints,
 )
+from distgraft.telemetry.monitor import Board, Screen, resolve_target
+from distgraft.telemetry.monitor import run as monitor_run
 
 pytestmark = pytest.mark.timeout(40)
 

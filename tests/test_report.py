@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distgraft.report import ReportError, load_run, report
 from distgraft.telemetry import JsonlSink, make_event
+from distgraft.tools.report import ReportError, load_run, report
 
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.timeout(60)

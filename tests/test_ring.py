@@ -26,11 +26,18 @@ import torch
 from dist_helpers import Outcome, shared_pool, to_numpy, values
 from torch import Tensor, nn
 
+from distgraft.comm.dist import init_distributed
+from distgraft.comm.ring import (
+    PeerError,
+    SignatureError,
+    flatten_by_dtype,
+    ring_exchange,
+    unflatten_by_dtype,
+)
 from distgraft.config import GraftConfig
-from distgraft.dist import init_distributed
-from distgraft.graft import coefficient, criterion, graft_plan
-from distgraft.ring import PeerError, SignatureError, ring_exchange
-from distgraft.step import Grafter
+from distgraft.graft.flat import FlatState
+from distgraft.graft.math import coefficient, criterion, graft_plan
+from distgraft.graft.step import Grafter
 
 TIMEOUT_S = 60.0  # process-group timeout of the healthy tasks: generous, still bounded
 SHORT_TIMEOUT_S = 5.0  # the missing-peer tests
@@ -100,6 +107,18 @@ def ring_task(rank: int, world: int) -> list[np.ndarray]:
     init_distributed(0, "gloo", TIMEOUT_S)
     got = ring_exchange(ring_tensors(rank), timeout_s=TIMEOUT_S)
     return [t.numpy().copy() for t in got]
+
+
+def flat_state_of(rank: int) -> FlatState:
+    """A channels_last model's graftable state as FlatState views (the Grafter's case)."""
+    model = make_net(seed_of(rank)).to(memory_format=torch.channels_last)
+    return FlatState(model, graft_plan(model))
+
+
+def flat_ring_task(rank: int, world: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    init_distributed(0, "gloo", TIMEOUT_S)
+    got = ring_exchange(list(flat_state_of(rank).tensors().values()), timeout_s=TIMEOUT_S)
+    return [(t.numpy().copy(), t.stride()) for t in got]
 
 
 def mismatch_task(rank: int, world: int, odd_rank: int, variant: str) -> tuple:
@@ -231,6 +250,36 @@ def test_ring_exchange_returns_predecessor_tensors(world: int) -> None:
             r = torch.from_numpy(r)
             assert r.dtype == w.dtype and r.shape == w.shape
             assert torch.equal(r, w), (rank, r, w)
+
+
+def test_flat_state_views_are_sent_without_a_copy() -> None:
+    """Views that tile one buffer per dtype are packed as that buffer itself (no torch.cat);
+    anything else is copied, and both unpack to the originals, strides included."""
+    state = flat_state_of(0)
+    views = list(state.tensors().values())
+    packed = flatten_by_dtype(views)
+    assert packed.keys() == state.buffers.keys()
+    for dtype, buf in packed.items():
+        assert (
+            buf.data_ptr() == state.buffers[dtype].data_ptr()
+            and buf.numel() == state.buffers[dtype].numel()
+        )
+    mixed = ring_tensors(0) + [views[0]]  # separate tensors: copied
+    assert flatten_by_dtype(mixed)[torch.float32].data_ptr() != views[0].data_ptr()
+    for like in (views, mixed):
+        copies = {d: b.clone() for d, b in flatten_by_dtype(like).items()}
+        for a, b in zip(like, unflatten_by_dtype(copies, like), strict=True):
+            assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_exchange_of_flat_state_views(world: int) -> None:
+    got = values(shared_pool(4).run(flat_ring_task, world))
+    for rank, received in enumerate(got):
+        want = list(flat_state_of((rank - 1) % world).tensors().values())
+        for (array, stride), w in zip(received, want, strict=True):
+            assert stride == w.stride()
+            assert torch.equal(torch.from_numpy(array), w.detach())
 
 
 # -- the graft against the single-process reference ---------------------------------------

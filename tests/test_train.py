@@ -15,7 +15,7 @@ import torch
 from dist_helpers import free_port
 
 from distgraft.config import Config, with_overrides
-from distgraft.trainer import lr_factor, network_lr
+from distgraft.train.trainer import lr_factor, network_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.toml"

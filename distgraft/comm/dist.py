@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,10 @@ __all__ = [
     "close",
     "distributed",
     "barrier",
+    "all_reduce_",
+    "agree_min",
+    "gather_objects",
+    "broadcast_object",
 ]
 
 
@@ -219,12 +224,52 @@ def distributed(
 
 def barrier(info: DistInfo, timeout_s: float, what: str) -> None:
     """A barrier that fails after ``timeout_s`` with a message saying what it waited for."""
-    if info.world_size == 1:
-        return
-    work = dist.barrier(async_op=True)
+    if info.world_size > 1:
+        _bounded(dist.barrier(async_op=True), timeout_s, what)
+
+
+def _bounded(work: Any, timeout_s: float, what: str) -> None:
+    """Wait for an async collective; a peer that never comes turns into an error, not a hang."""
     try:
         work.wait(timedelta(seconds=timeout_s))
     except RuntimeError as e:
         raise TimeoutError(
-            f"rank {info.rank}: peers did not reach {what} within {timeout_s:.0f} s ({e})"
+            f"rank {dist.get_rank()}: peers did not reach {what} within {timeout_s:.0f} s ({e})"
         ) from e
+
+
+def all_reduce_(tensor: torch.Tensor, timeout_s: float, what: str, op: str = "sum") -> torch.Tensor:
+    """In-place all_reduce over every rank (``op``: sum | min | max), bounded by the timeout."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        _bounded(dist.all_reduce(tensor, op=ops[op], async_op=True), timeout_s, what)
+    return tensor
+
+
+def agree_min(value: int, device: torch.device, timeout_s: float, what: str) -> int:
+    """The smallest of every rank's ``value`` (e.g. the latest epoch all can resume from)."""
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    return int(all_reduce_(t, timeout_s, what, op="min").item())
+
+
+def gather_objects(obj: Any, info: DistInfo, timeout_s: float, what: str) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order.
+
+    ``all_gather_object`` has no timeout of its own, so a bounded barrier goes first: a
+    lost peer raises there instead of hanging the gather.
+    """
+    if info.world_size == 1:
+        return [obj]
+    barrier(info, timeout_s, what)
+    every: list[Any] = [None] * info.world_size
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

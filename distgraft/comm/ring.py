@@ -109,23 +109,71 @@ def _wait(works, timeout_s: float, on_error) -> None:
             raise on_error(RuntimeError("wait returned False"), time.monotonic() - start)
 
 
-def flatten_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, Tensor]:
-    """One contiguous flat buffer per dtype, in order of first appearance."""
+def _dense(t: Tensor) -> bool:
+    """Elements fill exactly ``numel`` consecutive storage slots (any dense memory format)."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return True
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _tiled(group: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view over ``group`` if its tensors lie back to back in one storage, else None.
+
+    That is the case of one flat buffer, and of the views a ``FlatState`` hands out: the
+    exchange can then send the storage itself, without the copy ``torch.cat`` would make.
+    """
+    first = group[0]
+    storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    end = start
+    for t in group:
+        if t.untyped_storage().data_ptr() != storage or t.storage_offset() != end:
+            return None
+        if not _dense(t):
+            return None
+        end += t.numel()
+    return first.detach().as_strided((end - start,), (1,), start)
+
+
+def _groups(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[Tensor]]:
     groups: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
-        groups.setdefault(t.dtype, []).append(t.reshape(-1))
-    return {d: torch.cat(ts) for d, ts in groups.items()}
+        groups.setdefault(t.dtype, []).append(t.detach())
+    return groups
+
+
+def _memory_order(t: Tensor) -> Tensor:
+    """A dense tensor's elements as they lie in memory (no copy); others in logical order."""
+    if _dense(t):
+        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    return t.reshape(-1)
+
+
+def flatten_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, Tensor]:
+    """One flat buffer per dtype, in order of first appearance.
+
+    Tensors that already tile one storage range (see ``_tiled``) come back as a view of it;
+    any others are copied with ``torch.cat``. Dense tensors (channels_last included) travel
+    in memory order, so ``unflatten_by_dtype`` gives them back with their strides.
+    """
+    out = {}
+    for dtype, group in _groups(tensors).items():
+        view = _tiled(group)
+        out[dtype] = view if view is not None else torch.cat([_memory_order(t) for t in group])
+    return out
 
 
 def unflatten_by_dtype(buffers: dict[torch.dtype, Tensor], like: Sequence[Tensor]) -> list[Tensor]:
-    """Inverse of flatten_by_dtype: tensors shaped and typed like ``like``."""
+    """Inverse of flatten_by_dtype: tensors shaped, strided and typed like ``like``."""
     offsets = dict.fromkeys(buffers, 0)
     out = []
     for t in like:
-        buf = buffers[t.dtype]
-        n = t.numel()
-        out.append(buf[offsets[t.dtype] : offsets[t.dtype] + n].view(t.shape).to(t.dtype))
-        offsets[t.dtype] += n
+        buf, offset = buffers[t.dtype], offsets[t.dtype]
+        if _dense(t):
+            view = buf.as_strided(t.shape, t.stride(), buf.storage_offset() + offset)
+        else:
+            view = buf[offset : offset + t.numel()].view(t.shape)
+        offsets[t.dtype] = offset + t.numel()
+        out.append(view.to(t.dtype))
     return out
 
 
@@ -201,7 +249,9 @@ def ring_exchange(
     """Send own tensors to the ring successor; return the predecessor's (same shapes, dtypes).
 
     The ring runs over the ranks of ``group`` (default: all) in rank order. One rank:
-    returns copies of its own tensors.
+    returns copies of its own tensors. Tensors that already tile one buffer per dtype (a
+    flat buffer, or a ``FlatState``'s views) are sent without a copy; others are packed
+    into one buffer per dtype first (``torch.cat``).
     """
     ranks = (
         list(range(dist.get_world_size())) if group is None else dist.get_process_group_ranks(group)

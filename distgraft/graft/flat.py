@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distgraft.graft import GraftPlan
+from distgraft.graft.math import GraftPlan
 
 __all__ = ["FlatState"]
 

@@ -1,7 +1,7 @@
 """The grafting math: coefficients, which tensors graft together, and the three sources.
 
-Pure tensor code: nothing here imports ``torch.distributed``. ``ring.py`` moves peer
-tensors between processes; this module decides what to do with them.
+Pure tensor code: nothing here imports ``torch.distributed``. ``distgraft.comm.ring``
+moves peer tensors between processes; this module decides what to do with them.
 
 Terms (Meng et al. 2020): a *scion* is the information grafted into a network; its
 *source* is another network (external), Gaussian noise, or the network's own strong
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distgraft.entropy import filter_entropies, filter_l1, layer_entropies, layer_l1
+from distgraft.graft.entropy import filter_entropies, filter_l1, layer_entropies, layer_l1
 
 __all__ = [
     "coefficient",

@@ -21,18 +21,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from distgraft.comm.dist import DistInfo
+from distgraft.comm.ring import (
+    PendingExchange,
+    check_signature,
+    gather_criteria,
+    mark_arrival,
+    post_exchange,
+)
 from distgraft.config import GraftConfig
-from distgraft.dist import DistInfo
-from distgraft.entropy import invalid_filters
-from distgraft.flat import FlatState
-from distgraft.graft import (
+from distgraft.graft.entropy import invalid_filters
+from distgraft.graft.flat import FlatState
+from distgraft.graft.math import (
     coefficient,
     criterion,
     graft_internal_,
     graft_noise_,
     graft_plan,
 )
-from distgraft.ring import check_signature, gather_criteria, mark_arrival, post_exchange
 
 __all__ = ["GraftRecord", "Grafter", "graft_step", "WIRE_DTYPES"]
 
@@ -149,40 +155,62 @@ class Grafter:
     def _external(self, epoch: int) -> GraftRecord:
         info, cfg = self.info, self.cfg
         mark_arrival(epoch)
+        self._check_signature(epoch)
+        t0 = time.perf_counter()
+        pending = self._post(epoch)  # the pre-graft weights travel while we compute
+        own_ok = self._finite_layers(self.flat.buffers)
+        h_self = self._criterion(own_ok)
+        pred_rank = info.rank_of(info.predecessor)
+        h_peer = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)[pred_rank]
+        received = pending.wait()
+        exchange_s = time.perf_counter() - t0
+        peer = dict(zip(self.flat.buffers, received, strict=True))
+        alpha, warnings = self._mix(peer, h_self, h_peer, own_ok)
+        return GraftRecord(
+            epoch, info.network, info.predecessor, cfg.source, cfg.criterion, cfg.level,
+            [layer.name for layer in self.plan.layers], self._per_layer_mean(alpha),
+            self._per_layer_mean(h_self), self._per_layer_mean(h_peer),
+            sum(r.numel() * r.element_size() for r in received), exchange_s, warnings=warnings,
+        )  # fmt: skip
+
+    def _check_signature(self, epoch: int) -> None:
+        """First graft only: every rank must hold the same model (names, shapes, layouts)."""
         if not self._signature_checked:
+            info = self.info
             check_signature(
                 self.flat.signature(), info.device, self.timeout_s, epoch, info.replicas
             )
             self._signature_checked = True
-        pred_rank = info.rank_of(info.predecessor)
-        t0 = time.perf_counter()
-        pending = post_exchange(  # the pre-graft weights travel while we compute
+
+    def _post(self, epoch: int) -> PendingExchange:
+        """Send the flat state to the successor, receive the predecessor's (non-blocking)."""
+        info = self.info
+        return post_exchange(
             list(self.flat.buffers.values()),
             send_to=info.rank_of(info.successor),
-            recv_from=pred_rank,
+            recv_from=info.rank_of(info.predecessor),
             timeout_s=self.timeout_s,
             epoch=epoch,
             replicas=info.replicas,
-            wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
+            wire_dtype=WIRE_DTYPES[self.cfg.wire_dtype],
         )
-        own_ok = self._finite_layers(self.flat.buffers)
-        h_self = self._criterion(own_ok)
-        h_peer = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)[pred_rank]
-        received = pending.wait()
-        exchange_s = time.perf_counter() - t0
-        sent = sum(r.numel() * r.element_size() for r in received)
-        peer = dict(zip(self.flat.buffers, received, strict=True))
+
+    def _mix(
+        self,
+        peer: dict[torch.dtype, Tensor],
+        h_self: Tensor,
+        h_peer: Tensor,
+        own_ok: list[bool] | None,
+    ) -> tuple[Tensor, list[str]]:
+        """alpha from both criteria, non-finite layers pinned, then the in-place mix."""
+        cfg = self.cfg
         alpha = coefficient(h_self, h_peer, cfg.a, cfg.c).to(h_self.device)
-        keep, take, warnings = self._guard(own_ok, self._finite_layers(peer), info.predecessor)
+        peer_ok = self._finite_layers(peer)
+        keep, take, warnings = self._guard(own_ok, peer_ok, self.info.predecessor)
         self._pin(alpha, keep, 1.0)
         self._pin(alpha, take, 0.0)
         self.flat.mix_(peer, alpha, cfg.level, keep, take)
-        return GraftRecord(
-            epoch, info.network, info.predecessor, cfg.source, cfg.criterion, cfg.level,
-            [layer.name for layer in self.plan.layers], self._per_layer_mean(alpha),
-            self._per_layer_mean(h_self), self._per_layer_mean(h_peer), sent, exchange_s,
-            warnings=warnings,
-        )  # fmt: skip
+        return alpha, warnings
 
     def _pin(self, alpha: Tensor, layers: list[bool] | None, value: float) -> None:
         """Record alpha = value for flagged layers (all their filters at filter level)."""
@@ -226,17 +254,9 @@ class Grafter:
         names = [layer.name for layer in self.plan.layers if layer.conv]
         h = criterion(weights, cfg.criterion, "layer", cfg.bins).cpu().tolist()
         return GraftRecord(
-            epoch,
-            info.network,
-            info.network,
-            cfg.source,
-            cfg.criterion,
-            "filter",
-            names,
-            [],
-            h,
-            [],
-        )
+            epoch, info.network, info.network, cfg.source, cfg.criterion, "filter", names,
+            alpha=[], h_self=h, h_peer=[],
+        )  # fmt: skip
 
 
 _GRAFTERS: weakref.WeakKeyDictionary[nn.Module, Grafter] = weakref.WeakKeyDictionary()

@@ -4,7 +4,7 @@ The monitor subscribes to the collector's PUB socket. ZeroMQ reconnects a SUB so
 itself, so a monitor can be started before the run, and keeps working across worker
 restarts and a collector that rebinds the same port; it only ever reads, so it cannot
 disturb training. Messages go through the collector's own gate
-(``telemetry.decode_message``), because anything can connect to a port.
+(``telemetry.wire.decode_message``), because anything can connect to a port.
 
 Given a run folder, the monitor reads the collector's endpoints from
 ``RUN_DIR/telemetry.json`` and first replays ``RUN_DIR/metrics.jsonl``, so the table
@@ -25,20 +25,17 @@ from typing import Any, TextIO
 import zmq
 
 from distgraft.config import TelemetryConfig
-from distgraft.telemetry import (
-    ENDPOINTS_FILE,
-    Rejected,
+from distgraft.telemetry.collector import ENDPOINTS_FILE, read_endpoints
+from distgraft.telemetry.events import read_jsonl
+from distgraft.telemetry.format import (
     config_value,
-    decode_message,
     display_epoch,
     format_event,
     mean,
-    normalize_address,
-    read_endpoints,
-    read_jsonl,
     start_config,
     summary_lines,
 )
+from distgraft.telemetry.wire import Rejected, decode_message, normalize_address
 
 __all__ = ["register", "run", "Board", "resolve_target", "Target", "MonitorError"]
 

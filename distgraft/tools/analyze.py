@@ -3,7 +3,7 @@
 Grafting exists to revive *invalid* filters (filters whose L1 norm is near zero and so
 contribute nothing) and to raise the information (entropy) of each layer. This command
 measures both on saved checkpoints, side by side, so a grafted run can be compared with
-its baseline layer by layer. It reuses the criteria of ``distgraft.entropy``, so the
+its baseline layer by layer. It reuses the criteria of ``distgraft.graft.entropy``, so the
 numbers are the ones the grafting itself computes.
 
 Checkpoints are read with ``weights_only=True``: a checkpoint file cannot run code.
@@ -100,7 +100,7 @@ def analyze(
     ``entropy``, ``l1``, ``invalid`` with one count per threshold) and ``totals`` (per
     checkpoint: ``filters`` and ``invalid`` per threshold).
     """
-    from distgraft.entropy import filter_l1, layer_entropies, layer_l1
+    from distgraft.graft.entropy import filter_l1, layer_entropies, layer_l1
 
     if not paths:
         raise AnalyzeError("no checkpoint given")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distgraft.telemetry import config_value, display_epoch, mean, read_jsonl, start_config
+from distgraft.telemetry.events import read_jsonl
+from distgraft.telemetry.format import config_value, display_epoch, mean, start_config
 
 __all__ = ["ReportError", "RunData", "load_run", "report", "register", "run"]
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from distgraft.comm.dist import agree_min
 
 __all__ = [
     "FORMAT_VERSION",
@@ -99,11 +99,7 @@ def available_epochs(net_dir: str | Path) -> dict[int, Path]:
 
 def agree_epoch(local: int, device: torch.device, timeout_s: float) -> int:
     """The latest epoch every rank can resume from: all_reduce MIN (-1: start fresh)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    t = torch.tensor([local], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, async_op=True).wait(timedelta(seconds=timeout_s))
-    return int(t.item())
+    return agree_min(local, device, timeout_s, "the agreement on the epoch to resume from")
 
 
 def load_epoch(net_dir: str | Path, epoch: int, map_location: torch.device) -> dict:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from distgraft.config import Config, ConfigError, field_docs, load_config, to_toml, validate
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not for `distgraft --help`
-    from distgraft.dist import DistInfo
+    from distgraft.comm.dist import DistInfo
     from distgraft.telemetry import Collector, Telemetry
-    from distgraft.trainer import Summary
+    from distgraft.train.trainer import Summary
 
 EXAMPLES = """\
 examples:
@@ -78,8 +78,8 @@ def _overrides(extra: list[str]) -> list[str]:
 
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
-    from distgraft.data import check_available
-    from distgraft.dist import env_ranks
+    from distgraft.comm.dist import env_ranks
+    from distgraft.train.data import check_available
 
     cfg = load_config(args.config, _overrides(args.extra))
     _, world, _, _ = env_ranks()
@@ -89,8 +89,8 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distgraft.data import DataError
-    from distgraft.dist import LayoutError, distributed
+    from distgraft.comm.dist import LayoutError, distributed
+    from distgraft.train.data import DataError
 
     try:
         cfg = resolve(args)
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
-    from distgraft.trainer import Trainer, write_run_files
+    from distgraft.train.trainer import Trainer, write_run_files
 
     if info.is_main:
         write_run_files(cfg, cfg.run_dir)
@@ -154,16 +154,10 @@ def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
 
 
 def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]:
-    import torch.distributed as dist
+    from distgraft.comm.dist import gather_objects
 
-    from distgraft.dist import barrier
-
-    if info.world_size == 1:
-        return [summary]
-    every: list = [None] * info.world_size
-    barrier(info, timeout_s, "the end of training")  # bounded: a lost peer raises here
-    dist.all_gather_object(every, summary)
-    return [s for s in every if s is not None][:: info.replicas]
+    every = gather_objects(summary, info, timeout_s, "the end of training")
+    return every[:: info.replicas]
 
 
 def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | None]:
@@ -222,12 +216,9 @@ def _warn_if_unreachable(address: str) -> None:
 
 def _share(address: str | None, info: DistInfo) -> str:
     """Rank 0's collector address for everyone; a wildcard host becomes rank 0's name."""
-    import torch.distributed as dist
+    from distgraft.comm.dist import broadcast_object
 
-    box = [address]
-    if info.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    addr = str(box[0])
+    addr = str(broadcast_object(address, info))
     for wildcard in ("0.0.0.0", "*"):
         if f"//{wildcard}:" in addr:
             addr = addr.replace(wildcard, os.environ.get("MASTER_ADDR", "127.0.0.1"), 1)

@@ -2,7 +2,7 @@
 
 fit() = resume, then per epoch: train_epoch -> graft -> evaluate -> checkpoint -> barrier.
 The barrier keeps networks within one epoch of each other, which is what lets a restart
-agree on a common epoch (see checkpoint.py). Loss and accuracy are accumulated on the
+agree on a common epoch (see ``checkpoint``). Loss and accuracy are accumulated on the
 device and read once per epoch (and at most once a second for progress), so the GPU is
 never stalled by a per-step host sync.
 """
@@ -14,23 +14,21 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distgraft import checkpoint
+from distgraft.comm.dist import DistInfo, all_reduce_, barrier
 from distgraft.config import Config, to_toml
-from distgraft.data import build_data
-from distgraft.dist import DistInfo, barrier
-from distgraft.entropy import invalid_filters
-from distgraft.graft import graft_plan
+from distgraft.graft.entropy import invalid_filters
+from distgraft.graft.math import graft_plan
+from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.models import build_model
-from distgraft.step import Grafter, GraftRecord
+from distgraft.train import checkpoint
+from distgraft.train.data import build_data
 
 __all__ = ["Trainer", "Summary", "network_lr", "lr_factor"]
 
@@ -78,38 +76,46 @@ class Trainer:
         self.cfg, self.info, self.telemetry = cfg, info, telemetry
         self.device = info.device
         self.seed = cfg.run.seed + 1000 * info.network
+        self.net_dir = cfg.run_dir / f"net{info.network}"
         _seed_everything(self.seed)
-        channels_last = cfg.model.channels_last
         self.train_loader, self.test_loader, self.data_info = build_data(
-            cfg.data, self.device, self.seed, info.replica, info.replicas, channels_last
+            cfg.data, self.device, self.seed, info.replica, info.replicas, cfg.model.channels_last
         )
-        self.model = build_model(
-            cfg.model.name, self.data_info.num_classes, self.data_info.in_channels
-        ).to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self._build_model()
         self.grafter = self._make_grafter()
         self.net = self._wrap(self.model)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=network_lr(cfg, info.network, info.networks),
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-            nesterov=cfg.optim.nesterov,
-        )
-        steps = len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(cfg, s, steps)
-        )
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
-        self._resumed = False
         self.best_acc = 0.0
         self.last_acc = 0.0
-        self.net_dir = cfg.run_dir / f"net{info.network}"
+        self._resumed = False
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     # -- construction -------------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        d = self.data_info
+        model = build_model(self.cfg.model.name, d.num_classes, d.in_channels).to(self.device)
+        if self.cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return torch.optim.SGD(
+            self.model.parameters(),
+            lr=network_lr(self.cfg, self.info.network, self.info.networks),
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
+        )
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        cfg, steps = self.cfg, len(self.train_loader)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps))
+
     def _make_grafter(self) -> Grafter | None:
         g = self.cfg.graft
         if g.source == "none" or (g.source == "external" and self.info.networks == 1):
@@ -167,24 +173,15 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen, steps = 0, len(self.train_loader)
+        seen = 0
         start = last_report = time.perf_counter()
         for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
             loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
-            now = time.perf_counter()
-            if now - last_report >= PROGRESS_EVERY_S:
-                last_report = now
-                self._emit(
-                    "progress",
-                    epoch,
-                    step=step + 1,
-                    steps=steps,
-                    loss=float(loss_sum) / seen,
-                    images_per_s=seen / (now - start),
-                )
+            if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
+                last_report = self._progress(epoch, step + 1, float(loss_sum) / seen, seen, start)
         elapsed = time.perf_counter() - start
         return {
             "train_loss": float(loss_sum) / max(seen, 1),
@@ -195,6 +192,14 @@ class Trainer:
             "epoch_s": elapsed,
             "images_per_s": seen * self.info.replicas / elapsed,
         }
+
+    def _progress(self, epoch: int, step: int, loss: float, seen: int, start: float) -> float:
+        """Emit a progress event (at most once a second: it reads the loss from the device)."""
+        now = time.perf_counter()
+        steps = len(self.train_loader)
+        self._emit("progress", epoch, step=step, steps=steps, loss=loss,
+                   images_per_s=seen / (now - start))  # fmt: skip
+        return now
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with self._autocast():
@@ -284,10 +289,7 @@ class Trainer:
     def ensemble_accuracy(self) -> float | None:
         """Accuracy of the mean of all networks' test logits (every rank must call this)."""
         _, _, logits = self.evaluate()
-        total = logits.clone()
-        if self.info.world_size > 1:
-            work = dist.all_reduce(total, async_op=True)
-            work.wait(timedelta(seconds=self.cfg.dist.timeout_s))
+        total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation")
         y = torch.cat([y for _, y in self.test_loader])
         return float((total.argmax(1) == y).float().mean() * 100)
 

@@ -1,0 +1,96 @@
+"""Human-readable lines of events, shared by the console sink, the monitor and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tomllib
+
+__all__ = [
+    "display_epoch",
+    "mean",
+    "format_event",
+    "summary_lines",
+    "start_config",
+    "config_value",
+]
+
+
+def display_epoch(epoch: int) -> int:
+    """Events count epochs from 0; people count from 1."""
+    return epoch + 1
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
+    """One human line for an event, or None for events not worth a line (progress)."""
+    kind, net = ev["event"], ev["network"]
+    ep = display_epoch(ev["epoch"])
+    ep_txt = f"{ep}/{epochs}" if epochs else str(ep)
+    if kind == "epoch":
+        return (
+            f"net {net} | epoch {ep_txt} | loss {ev['train_loss']:.3f} "
+            f"acc {ev['train_acc']:.1f}% | test {_num(ev['test_acc'], '.1f', '%')} | "
+            f"lr {ev['lr']:.4g} | {ev['epoch_s']:.1f} s | {ev['images_per_s']:.0f} img/s"
+        )
+    if kind == "graft":
+        alpha = ev["alpha"]
+        lo_hi = f" ({min(alpha):.3f}..{max(alpha):.3f})" if alpha else ""
+        line = (
+            f"net {net} | graft {ep_txt} <- net {ev['peer']} | "
+            f"alpha {_num(mean(alpha), '.3f')}{lo_hi} | {ev['graft_s'] * 1000:.0f} ms"
+        )
+        if ev.get("invalid_01") is not None:
+            line += f" | invalid <0.1: {ev['invalid_01']} <0.01: {_num(ev['invalid_001'], 'd')}"
+        return "\n".join([line] + [f"net {net} | warning: {w}" for w in ev["warnings"]])
+    if kind in ("warning", "error"):
+        return f"net {net} | {kind.upper()}: {ev['message']}"
+    if kind == "start":
+        return (
+            f"run {ev['run_dir']}: {ev['networks']} networks x {ev['replicas']} replicas "
+            f"(world size {ev['world_size']})"
+        )
+    if kind == "summary":
+        return "\n".join(summary_lines(ev))
+    return None
+
+
+def summary_lines(ev: dict[str, Any]) -> list[str]:
+    """The final table of a ``summary`` event."""
+    lines = ["network   best acc  final acc  invalid<0.1  invalid<0.01"]
+    for row in sorted(ev["networks"], key=lambda r: r["network"]):
+        lines.append(
+            f"{row['network']:>7}   {row['best_acc']:7.2f}%  {row['final_acc']:8.2f}%  "
+            f"{row['invalid_01']:>11}  {row['invalid_001']:>12}"
+        )
+    lines.append(f"ensemble acc: {_num(ev['ensemble_acc'], '.2f', '%')}")
+    return lines
+
+
+def start_config(ev: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's config parsed from a ``start`` event's TOML ({} when absent or unreadable).
+
+    Displays use it for what the other events do not repeat: total epochs, graft.a.
+    """
+    if not ev or not isinstance(ev.get("config"), str):
+        return {}
+    try:
+        return tomllib.loads(ev["config"])
+    except (tomllib.TOMLDecodeError, ValueError):
+        return {}
+
+
+def config_value(config: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """``config["section"]["name"]`` for key "section.name" if it has type ``kind``."""
+    section, _, name = key.partition(".")
+    value = config.get(section, {}).get(name) if isinstance(config.get(section), dict) else None
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    return value if ok else None

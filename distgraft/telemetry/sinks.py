@@ -1,0 +1,170 @@
+"""Where events go: console, metrics.jsonl, a ZeroMQ PUSH socket, and the facade over them.
+
+Sinks must never slow down or crash training: ``ZmqSink`` never blocks (it drops and
+counts), and ``Telemetry`` contains any exception a sink raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+import zmq
+
+from distgraft.telemetry.events import make_event, to_plain
+from distgraft.telemetry.format import format_event
+from distgraft.telemetry.wire import normalize_address, pack_event
+
+__all__ = ["Sink", "ConsoleSink", "JsonlSink", "ZmqSink", "Telemetry"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where events go. ``emit`` must be quick; raising is allowed (the facade contains it)."""
+
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConsoleSink:
+    """Readable lines for people watching a terminal or a job log; ignores progress."""
+
+    def __init__(self, stream: TextIO | None = None, epochs: int | None = None) -> None:
+        self._stream = stream  # None: sys.stdout at emit time (follows redirection)
+        self.epochs = epochs
+
+    def emit(self, event: dict[str, Any]) -> None:
+        line = format_event(event, self.epochs)
+        if line is None:
+            return
+        stream = self._stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """Appends one JSON line per event; safe with several processes on one file.
+
+    The file is opened with O_APPEND and each line goes out in one ``os.write``, so the
+    kernel places every line whole at the end even when processes interleave. Writes are
+    unbuffered (nothing to flush); no fsync per line (the cost would land on training).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._fd is None:
+            raise ValueError(f"JsonlSink({self.path}) is closed")
+        line = (json.dumps(event, separators=(",", ":"), default=to_plain) + "\n").encode()
+        written = os.write(self._fd, line)
+        if written < len(line):  # only on a full disk or similar; keep the line whole-ish
+            os.write(self._fd, line[written:])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ZmqSink:
+    """PUSH events to the collector without ever blocking the training step.
+
+    Each ``emit`` is one non-blocking send: while the collector is unreachable, events
+    queue in ZeroMQ up to ``sndhwm`` (so a collector that starts late still gets the first
+    events); beyond that, or when the collector is slow, ``zmq.Again`` drops the event and
+    ``dropped`` counts it. ``linger_ms`` bounds how long ``close`` may wait for the queue.
+    Create it in the process that uses it (ZeroMQ sockets do not survive fork).
+    """
+
+    def __init__(self, address: str, sndhwm: int = 1000, linger_ms: int = 100) -> None:
+        self.address = normalize_address(address)
+        self.sent = 0
+        self.dropped = 0
+        self._linger_ms = linger_ms
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock: zmq.Socket | None = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, linger_ms)
+        self._sock.connect(self.address)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._sock is None:
+            self.dropped += 1
+            return
+        data = pack_event(event)
+        try:
+            self._sock.send(data, zmq.NOBLOCK, copy=True)
+            self.sent += 1
+        except zmq.Again:
+            self.dropped += 1
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=self._linger_ms)
+            self._sock = None
+            self._ctx.term()
+
+
+class Telemetry:
+    """The trainer's single entry point: stamps events and fans them out to the sinks.
+
+    A failing sink (full disk, closed stream, encoding bug) must not take training down,
+    so every sink call is guarded; failures are counted in ``errors`` per sink and reported
+    to stderr once per sink.
+    """
+
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.errors: dict[str, int] = {}
+        self._reported: set[int] = set()
+
+    def emit(self, event: str, network: int, epoch: int, **fields: Any) -> dict[str, Any]:
+        ev = make_event(event, network, epoch, **fields)
+        for sink in self.sinks:
+            try:
+                sink.emit(ev)
+            except Exception as e:
+                self._failed(sink, "emit", e)
+        return ev
+
+    @property
+    def dropped(self) -> int:
+        """Events the sinks dropped on purpose (a full or absent collector)."""
+        return sum(getattr(s, "dropped", 0) for s in self.sinks)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                self._failed(sink, "close", e)
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _failed(self, sink: Sink, what: str, e: Exception) -> None:
+        name = type(sink).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+        if id(sink) in self._reported:
+            return
+        self._reported.add(id(sink))
+        with contextlib.suppress(Exception):  # stderr itself may be gone
+            sys.stderr.write(
+                f"distgraft telemetry: {name}.{what} failed ({type(e).__name__}: {e}); "
+                "training continues, further failures of this sink are counted silently\n"
+            )

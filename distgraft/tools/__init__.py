@@ -1,0 +1,2 @@
+"""Tools that read what training wrote: ``distgraft analyze`` (checkpoints layer by layer)
+and ``distgraft report`` (a run's metrics as a picture)."""

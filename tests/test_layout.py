@@ -1,0 +1,123 @@
+"""The import rules the package layout keeps, checked on the source (no imports run).
+
+* Only ``distgraft/comm`` touches ``torch.distributed``: ``graft/`` and ``compress/`` are
+  pure tensor code, and training, telemetry and tools reach other processes through comm.
+* ``comm/`` knows nothing of training: it imports no other part of distgraft.
+* Nothing below ``train/`` imports it (nor the tools and the CLI above it).
+* The old public paths still answer for this release.
+
+Every ``import`` statement counts, also those inside functions (lazy imports), and so does
+an attribute chain such as ``torch.distributed.all_reduce`` after a plain ``import torch``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distgraft"
+
+# Packages that sit below train/: they must never import it or anything above it.
+BELOW_TRAIN = ("graft", "comm", "compress", "telemetry", "models")
+ABOVE = ("distgraft.train", "distgraft.tools", "distgraft.cli", "distgraft.__main__")
+
+
+def modules(*folders: str) -> list[Path]:
+    found = [p for f in folders for p in sorted((PACKAGE / f).rglob("*.py"))]
+    assert found, f"no modules under {folders}"
+    return found
+
+
+def imported(path: Path) -> set[str]:
+    """Every module name ``path`` imports, and ``torch.distributed`` if it names it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):  # relative: resolve against the package
+            base = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level])
+            module = f"{base}.{node.module}" if node.module else base
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "distributed"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
+            names.add("torch.distributed")
+    return names
+
+
+def offending(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(
+        n for n in imported(path) if any(n == p or n.startswith(p + ".") for p in prefixes)
+    )
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(PACKAGE.parent))
+
+
+def test_the_checker_sees_every_import_form(tmp_path: Path) -> None:
+    """The rules below are only as good as this parser: feed it each way to import."""
+    forms = [
+        "import torch.distributed as dist",
+        "from torch.distributed import all_reduce",
+        "from torch import distributed",
+        "import torch\ntorch.distributed.barrier()",
+        "def f():\n    import torch.distributed\n",
+    ]
+    for text in forms:
+        f = tmp_path / "m.py"
+        f.write_text(text + "\n")
+        assert offending(f, ("torch.distributed",)), text
+    f.write_text("import torch\nimport torch.nn as nn\nfrom torch import Tensor\n")
+    assert offending(f, ("torch.distributed",)) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in PACKAGE.rglob("*.py") if "comm" not in p.relative_to(PACKAGE).parts],
+    ids=rel,
+)
+def test_only_comm_touches_torch_distributed(path: Path) -> None:
+    assert offending(path, ("torch.distributed",)) == [], (
+        f"{rel(path)} imports torch.distributed; collectives belong in distgraft/comm"
+    )
+
+
+@pytest.mark.parametrize("path", modules("comm"), ids=rel)
+def test_comm_knows_nothing_of_training(path: Path) -> None:
+    others = [n for n in offending(path, ("distgraft",)) if not n.startswith("distgraft.comm")]
+    assert others == [], f"{rel(path)} imports {others}; comm/ must stand alone"
+
+
+@pytest.mark.parametrize("path", modules(*BELOW_TRAIN), ids=rel)
+def test_nothing_below_train_imports_it(path: Path) -> None:
+    assert offending(path, ABOVE) == [], f"{rel(path)} imports a layer above it"
+
+
+@pytest.mark.parametrize("path", modules("compress"), ids=rel)
+def test_compress_is_pure_tensor_code(path: Path) -> None:
+    """Distributed compression work is driven from train/ and the CLI, not from here."""
+    assert offending(path, ("distgraft.comm", "torch.distributed")) == [], rel(path)
+
+
+def test_old_public_paths_still_import() -> None:
+    from distgraft.comm.ring import ring_exchange as moved_ring
+    from distgraft.entropy import filter_entropies, layer_entropies
+    from distgraft.graft import coefficient, graft_plan
+    from distgraft.graft.entropy import layer_entropies as moved_entropies
+    from distgraft.graft.math import coefficient as moved_coefficient
+    from distgraft.ring import ring_exchange
+
+    assert layer_entropies is moved_entropies and callable(filter_entropies)
+    assert coefficient is moved_coefficient and callable(graft_plan)
+    assert ring_exchange is moved_ring
