@@ -27,6 +27,7 @@ __all__ = [
     "TelemetryConfig",
     "DistConfig",
     "load_config",
+    "config_from_toml",
     "to_toml",
     "field_docs",
 ]
@@ -60,6 +61,10 @@ class ModelConfig:
     """Keep conv weights and activations in channels_last (NHWC): faster on GPUs and CPUs."""
     compile: bool = False
     """Wrap the model in torch.compile (first epoch pays the compile time)."""
+    init: str = ""
+    """Start from this checkpoint (plain, pruned, decomposed or sparse); '{network}' in the
+    path becomes the network's index. Its architecture is kept: a pruned network stays
+    pruned. Its base model must be model.name."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ class OptimConfig:
     nesterov: bool = False
     """Nesterov momentum."""
     schedule: str = "step"
-    """step (x gamma at milestones) | cosine (annealed per iteration to 0)."""
+    """step (x gamma at milestones) | cosine (annealed per iteration to 0) | constant (the
+    fine-tuning of pruned networks, Li et al.)."""
     milestones: tuple[int, ...] = ()
     """Epochs at which the step schedule multiplies lr by gamma; empty: every 60 epochs."""
     gamma: float = 0.1
@@ -185,7 +191,7 @@ SECTIONS = {f.name: f.type for f in fields(Config)}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits", "cifar10", "cifar100", "imagenet", "synthetic"),
-    "optim.schedule": ("step", "cosine"),
+    "optim.schedule": ("step", "cosine", "constant"),
     "graft.source": ("external", "noise", "internal", "none"),
     "graft.criterion": ("entropy", "l1"),
     "graft.level": ("layer", "filter"),
@@ -210,10 +216,19 @@ def field_docs() -> dict[str, str]:
             stripped = line.strip()
             if ":" in stripped and not stripped.startswith(("@", "class", '"""', "#")):
                 key = stripped.split(":", 1)[0]
-                nxt = lines[i + 1].strip()
-                if nxt.startswith('"""'):
-                    docs[f"{section}.{key}"] = nxt.strip('"')
+                if lines[i + 1].strip().startswith('"""'):
+                    docs[f"{section}.{key}"] = _docstring_at(lines, i + 1)
     return docs
+
+
+def _docstring_at(lines: list[str], start: int) -> str:
+    """The (possibly multi-line) string literal starting at ``lines[start]``, joined."""
+    parts = []
+    for line in lines[start:]:
+        parts.append(line.strip())
+        if line.strip().endswith('"""') and (len(parts) > 1 or line.strip().count('"""') == 2):
+            break
+    return " ".join(parts).strip('"').strip()
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -322,6 +337,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in text:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
         key, value = text.split("=", 1)
+        _merge(tree, key, _parse_cli_value(value))
+    cfg = _build(tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_toml(text: str, overrides: list[str] | None = None) -> Config:
+    """A validated config from TOML text (e.g. the one a checkpoint stores) plus overrides."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"stored config is not valid TOML: {e}") from e
+    tree: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        for key, value in (values if isinstance(values, dict) else {}).items():
+            _merge(tree, f"{section}.{key}", value)
+    for item in overrides or []:
+        key, _, value = (item[2:] if item.startswith("--") else item).partition("=")
         _merge(tree, key, _parse_cli_value(value))
     cfg = _build(tree)
     validate(cfg)

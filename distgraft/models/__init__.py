@@ -6,6 +6,7 @@ Built-ins (see each module for its paper and source):
 * ``resnet20/32/56/110`` and their ``_leaky`` twins -- CIFAR ResNets, :mod:`.cifar_resnet`
 * ``mobilenetv2`` -- CIFAR MobileNetV2, :mod:`.mobilenetv2`
 * ``vgg16_bn`` -- CIFAR VGG-16 with BatchNorm, :mod:`.vgg`
+* ``vgg16_li`` -- the same with Li et al.'s 512-512 classifier (pruning presets), :mod:`.vgg`
 * ``digits_cnn`` -- small CNN for 8x8 digits, :mod:`.small`
 
 ``torchvision:ARCH`` builds ``torchvision.models.get_model(ARCH, weights=None, ...)``:
@@ -30,7 +31,7 @@ from distgraft.models.cifar_resnet import (
 )
 from distgraft.models.mobilenetv2 import mobilenetv2
 from distgraft.models.small import digits_cnn
-from distgraft.models.vgg import vgg16_bn
+from distgraft.models.vgg import vgg16_bn, vgg16_li
 
 __all__ = ["MODEL_NAMES", "TORCHVISION_PREFIX", "build_model", "is_known_model"]
 
@@ -47,6 +48,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet110_leaky": resnet110_leaky,
     "mobilenetv2": mobilenetv2,
     "vgg16_bn": vgg16_bn,
+    "vgg16_li": vgg16_li,
     "digits_cnn": digits_cnn,
 }
 

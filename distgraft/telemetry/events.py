@@ -67,6 +67,14 @@ SCHEMA: dict[str, dict[str, str]] = {
         "invalid_001": "int?",
     },
     "summary": {"networks": "[net]", "ensemble_acc": "float?", "run_dir": "str"},
+    "trim": {
+        "round": "int",
+        "layers": "[str]",
+        "params": "int",
+        "flops": "int",
+        "test_acc": "float",
+        "acc_drop": "float",
+    },
     "warning": {"message": "str"},
     "error": {"message": "str"},
     "start": {

@@ -51,6 +51,12 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
         if ev.get("invalid_01") is not None:
             line += f" | invalid <0.1: {ev['invalid_01']} <0.01: {_num(ev['invalid_001'], 'd')}"
         return "\n".join([line] + [f"net {net} | warning: {w}" for w in ev["warnings"]])
+    if kind == "trim":
+        return (
+            f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
+            f"{ev['params']:,} params {ev['flops']:,} FLOPs | test {ev['test_acc']:.2f}% "
+            f"(-{ev['acc_drop']:.2f})"
+        )
     if kind in ("warning", "error"):
         return f"net {net} | {kind.upper()}: {ev['message']}"
     if kind == "start":

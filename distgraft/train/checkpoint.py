@@ -7,22 +7,22 @@ so a crash at any instant leaves a complete file. Networks can be at most one ep
 latest epochs and each loads whichever of last/prev holds that epoch: a killed worker
 (torchrun ``--max-restarts``) continues as if nothing happened.
 
-Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, never
-arbitrary pickled objects, so a checkpoint from elsewhere cannot run code.
+Written and read through ``distgraft.files``: atomically, and with
+``torch.load(weights_only=True)`` (only tensors and plain containers, never arbitrary
+pickled objects, so a checkpoint from elsewhere cannot run code).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from distgraft.comm.dist import agree_min
+from distgraft.files import load, save_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,41 +37,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (tensors and plain containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def save_epoch(state: dict, net_dir: str | Path) -> None:

@@ -9,10 +9,12 @@ never stalled by a per-step host sync.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distgraft.comm.dist import DistInfo, all_reduce_, barrier
+from distgraft.compress.archive import base_arch
 from distgraft.config import Config, to_toml
 from distgraft.graft.entropy import invalid_filters
 from distgraft.graft.math import graft_plan
@@ -29,8 +32,9 @@ from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.models import build_model
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
+from distgraft.train.warmstart import load_init
 
-__all__ = ["Trainer", "Summary", "network_lr", "lr_factor"]
+__all__ = ["Trainer", "Summary", "network_lr", "lr_factor", "evaluate"]
 
 PROGRESS_EVERY_S = 1.0
 
@@ -51,6 +55,8 @@ def network_lr(cfg: Config, network: int, networks: int) -> float:
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the starting lr after ``step`` optimizer steps."""
+    if cfg.optim.schedule == "constant":
+        return 1.0
     if cfg.optim.schedule == "cosine":
         total = cfg.run.epochs * steps_per_epoch
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
@@ -96,9 +102,15 @@ class Trainer:
 
     # -- construction -------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
-        d = self.data_info
-        model = build_model(self.cfg.model.name, d.num_classes, d.in_channels).to(self.device)
-        if self.cfg.model.channels_last:
+        """The network, from model.init when given; ``self.arch`` records how to rebuild it."""
+        cfg, d = self.cfg, self.data_info
+        if cfg.model.init:
+            model, self.arch = load_init(cfg, self.info.network, d.num_classes, d.in_channels)
+        else:
+            model = build_model(cfg.model.name, d.num_classes, d.in_channels)
+            self.arch = base_arch(cfg.model.name, d.num_classes, d.in_channels, d.input_shape)
+        model = model.to(self.device)
+        if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -215,19 +227,9 @@ class Trainer:
         enabled = self.cfg.optim.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float, Tensor]:
         """(loss, accuracy %, logits of the whole test set) of this network."""
-        self.net.eval()
-        outputs, labels = [], []
-        for x, y in self.test_loader:
-            with self._autocast():
-                outputs.append(self.net(x).float())
-            labels.append(y)
-        logits, y = torch.cat(outputs), torch.cat(labels)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean() * 100
-        return float(loss), float(acc), logits
+        return evaluate(self.net, self.test_loader, self._autocast)
 
     def graft(self, epoch: int) -> GraftRecord | None:
         """Graft after this epoch's training when the schedule says so."""
@@ -248,6 +250,7 @@ class Trainer:
             "last_acc": self.last_acc,
             "rng": checkpoint.rng_state(),
             "config": to_toml(self.cfg),
+            "arch": self.arch,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -292,6 +295,23 @@ class Trainer:
         total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation")
         y = torch.cat([y for _, y in self.test_loader])
         return float((total.argmax(1) == y).float().mean() * 100)
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], autocast=contextlib.nullcontext
+) -> tuple[float, float, Tensor]:
+    """(loss, accuracy %, logits) of ``net`` over every batch of ``loader``, in eval mode."""
+    net.eval()
+    outputs, labels = [], []
+    for x, y in loader:
+        with autocast():
+            outputs.append(net(x).float())
+        labels.append(y)
+    logits, y = torch.cat(outputs), torch.cat(labels)
+    loss = F.cross_entropy(logits, y)
+    acc = (logits.argmax(1) == y).float().mean() * 100
+    return float(loss), float(acc), logits
 
 
 def _seed_everything(seed: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -41,6 +41,8 @@ class DataInfo:
     image_size: int
     train_size: int
     test_size: int
+    input_shape: tuple[int, ...] = field(default=(), compare=False)
+    """(C, H, W) of one model input: what FLOPs are counted for."""
 
 
 class Loader(Protocol):

@@ -1,0 +1,174 @@
+"""``distgraft compress trim``: network trimming (Hu et al. 2016), prune -> retrain -> repeat.
+
+Each round measures APoZ (the share of zeros of each channel's activation after the ReLU
+that really follows its conv and BatchNorm) on the held-out split, takes the
+``--layers-per-round`` layers with the highest mean APoZ, removes every channel of them
+whose APoZ lies above the layer's mean + 1 std, and retrains the smaller network *from its
+surviving weights* (Hu et al.: retraining from scratch gives worse networks with more
+zeros) with ``distgraft train`` for ``--epochs`` epochs at a constant lr. It stops after
+``--rounds`` rounds, or when test accuracy has fallen more than ``--max-drop`` points below
+the starting network's; the last round within the margin is the result.
+
+OUT/round{r}/ holds each round's pruned start (pruned.pt) and training run (net0/...);
+OUT/metrics.jsonl one ``trim`` event per round (params, FLOPs, accuracy); OUT/trimmed.pt the
+result. Under torchrun the retraining uses every process as a DDP replica of the one
+network, and rank 0's pruning choice is broadcast so every replica prunes alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from distgraft.tools.compress_cli import CompressError, guarded, open_checkpoint, test_loader
+
+__all__ = ["register", "trim_layers"]
+
+
+def trim_layers(loaded: Any, loader: Any, per_round: int) -> tuple[dict, list[str], dict]:
+    """(kept indices, trimmed layer names, mean APoZ per layer) of one round.
+
+    The ``per_round`` layers with the highest mean APoZ lose their channels above the
+    layer's mean + 1 std (Hu et al.); layers where that rule removes nothing are passed
+    over for the next ones.
+    """
+    from distgraft.compress.criteria import apoz
+    from distgraft.compress.prune import PruneSpec, select
+    from distgraft.compress.structure import groups_of
+
+    groups = [g for g in groups_of(loaded.model, loaded.input_shape) if g.default and g.act]
+    values = apoz(loaded.model.to(loader.device), groups, loader)
+    loaded.model.cpu()
+    means = {name: float(v.mean()) for name, v in values.items()}
+    spec = PruneSpec(dict.fromkeys(values, 0.0), "apoz", apoz_rule="std")
+    keep = select([loaded.model], groups, spec, [values])
+    by_apoz = sorted(means, key=means.get, reverse=True)
+    chosen = [n for n in by_apoz if len(keep[n]) < len(values[n])][:per_round]
+    return {n: keep[n] for n in chosen}, chosen, means
+
+
+def _retrain(args: argparse.Namespace, loaded: Any, start: Path, rnd: int, info: Any) -> Path:
+    """Train the pruned network ``start`` for the round; its final checkpoint."""
+    from distgraft.train.cli import open_telemetry, train
+
+    cfg = loaded.config(args.data_root)
+    cfg = _round_config(cfg, args, start, rnd)
+    telemetry, collector = open_telemetry(cfg, info)
+    try:
+        train(cfg, info, telemetry)
+    finally:
+        telemetry.close()
+        if collector is not None:
+            collector.stop()
+    return cfg.run_dir / "net0" / "last.pt"
+
+
+def _round_config(cfg: Any, args: argparse.Namespace, start: Path, rnd: int) -> Any:
+    from distgraft.config import with_overrides
+
+    return with_overrides(
+        cfg,
+        run={"dir": str(args.out), "name": f"round{rnd}", "epochs": args.epochs,
+             "resume": False, "eval_every": args.epochs},
+        model={"init": str(start)},
+        optim={"lr": args.lr, "schedule": "constant", "difflr": False},
+        graft={"networks": 1},
+        telemetry={"zmq": False, "console": not args.quiet},
+    )  # fmt: skip
+
+
+def _event(out: Path, rnd: int, layers: list[str], counts: Any, acc: float, drop: float) -> None:
+    from distgraft.telemetry.sinks import JsonlSink, Telemetry
+
+    with Telemetry([JsonlSink(out / "metrics.jsonl")]) as t:
+        t.emit("trim", 0, rnd, round=rnd, layers=layers, params=counts.params,
+               flops=counts.flops, test_acc=acc, acc_drop=drop)  # fmt: skip
+
+
+def _table(rows: list[tuple]) -> str:
+    lines = [f"{'round':>5}  {'params':>11}  {'FLOPs':>13}  {'test acc':>8}  trimmed layers"]
+    for rnd, layers, c, acc in rows:
+        lines.append(f"{rnd:>5}  {c.params:>11,}  {c.flops:>13,}  {acc:>7.2f}%  "
+                     f"{', '.join(layers) or '-'}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_trim(args: argparse.Namespace) -> int:
+    from distgraft.comm.dist import broadcast_object, distributed
+    from distgraft.compress.counting import count
+    from distgraft.compress.prune import apply_pruning, prune_edits
+    from distgraft.compress.structure import groups_of
+    from distgraft.tools.compress_cli import accuracy, save_step
+
+    if args.rounds < 1 or args.epochs < 1 or args.layers_per_round < 1:
+        raise CompressError("--rounds, --epochs and --layers-per-round must be >= 1")
+    out = Path(args.out)
+    current = open_checkpoint(args.checkpoint)
+    with distributed(1, "auto", 600.0) as info:
+        loader = test_loader(current, info.device, args.data_root)
+        acc0 = accuracy(current.model.to(info.device), loader)
+        current.model.cpu()
+        rows = [(0, [], count(current.model, current.input_shape), acc0)]
+        result = Path(args.checkpoint)
+        for rnd in range(1, args.rounds + 1):
+            keep, layers, _ = trim_layers(current, loader, args.layers_per_round)
+            keep, layers = broadcast_object((keep, layers), info)
+            if not layers:
+                print(f"round {rnd}: no channel above mean + std APoZ; stopping", flush=True)
+                break
+            groups = groups_of(current.model, current.input_shape)
+            apply_pruning(current.model, groups, keep)
+            start = out / f"round{rnd}" / "pruned.pt"
+            if info.is_main:
+                save_step(current, start, "pruned", prune_edits(keep), {"round": rnd})
+            _sync(info)
+            trained = _retrain(args, current, start, rnd, info)
+            current = open_checkpoint(str(trained))
+            acc = accuracy(current.model.to(info.device), loader)
+            current.model.cpu()
+            counts = count(current.model, current.input_shape)
+            rows.append((rnd, layers, counts, acc))
+            if info.is_main:
+                _event(out, rnd, layers, counts, acc, acc0 - acc)
+            if acc0 - acc > args.max_drop:
+                print(f"round {rnd}: accuracy {acc:.2f}% is more than {args.max_drop} points "
+                      f"below the start ({acc0:.2f}%); keeping round {rnd - 1}", flush=True)
+                break
+            result = trained
+        if info.is_main:
+            shutil.copyfile(result, out / "trimmed.pt")
+            print(_table(rows))
+            print(f"result: {out / 'trimmed.pt'} (from {result})", file=sys.stdout)
+    return 0
+
+
+def _sync(info: Any) -> None:
+    from distgraft.comm.dist import barrier
+
+    barrier(info, 600.0, "the pruned checkpoint of this round")
+
+
+def register(cmds: argparse._SubParsersAction) -> None:
+    p = cmds.add_parser(
+        "trim",
+        help="network trimming: APoZ prune -> retrain -> repeat (Hu et al. 2016)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        epilog="example:\n  distgraft compress trim runs/digits/net0/best.pt --rounds 3 "
+        "--epochs 5 --out runs/digits_trim",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--out", metavar="DIR", help="folder of the trimming run")
+    p.add_argument("--rounds", type=int, default=3, help="at most this many rounds (3)")
+    p.add_argument("--epochs", type=int, default=5, help="retraining epochs per round (5)")
+    p.add_argument("--lr", type=float, default=0.001, help="constant retraining lr (0.001)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="stop when test accuracy falls more than this many points (1.0)")
+    p.add_argument("--layers-per-round", type=int, default=1,
+                   help="trim the N layers with the highest mean APoZ per round (1)")
+    p.add_argument("--data-root", help="override the checkpoint's data.root")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines while retraining")
+    p.set_defaults(func=guarded(run_trim), needs_out=True)

@@ -1,0 +1,183 @@
+"""Datasets and loaders: small datasets live on the device, ImageNet streams from disk.
+
+One module per dataset (``digits``, ``cifar``, ``synthetic``, ``imagenet``) and the
+loaders they feed (``loaders``); ``build_data`` picks one from the ``[data]`` config.
+
+Digits, CIFAR-10/100 and the synthetic dataset are small enough to keep on the accelerator
+as uint8 (CIFAR-10 is 150 MB), so they are moved there once and every epoch is built with
+batched tensor ops (the airbench idea): one ``randperm`` for the order, per-sample crop
+offsets and flip bits drawn up front, and per batch one gather for the crop + flip and one
+fused normalisation. There is no host synchronisation per step and no worker process, which
+matters here because every process of a grafting run trains its own network and CPU
+DataLoader workers would be multiplied by the world size.
+
+Reproducibility contract of the device-resident loaders: the order and the augmentation of
+epoch ``e`` are a pure function of ``(seed, e)`` (the generator is re-seeded with
+:func:`epoch_seed` at the start of every iteration, from ``loader.set_epoch(e)``; a loader
+that is iterated without ``set_epoch`` uses epoch 0). A run resumed at epoch ``e`` therefore
+sees exactly the batches an uninterrupted run would have seen, and iterating the same epoch
+twice yields the same batches twice. Random numbers come from a generator on the device, so
+the batches of a given ``(seed, e)`` are identical for every run on the same kind of device,
+but differ between CPU and CUDA.
+
+With ``replicas`` R > 1 (data parallelism inside one grafted network) every replica computes
+the same permutation and keeps ``perm[replica::R]`` truncated to ``N // R`` samples, so the
+shards are disjoint and every replica takes the same number of steps (DDP needs that). The
+augmentation of an image depends on ``(seed, epoch, image position in the permutation)``
+only, not on R. The test loader is sequential, unaugmented and holds the full test set on
+every replica.
+
+Inputs are ``(uint8 / 255 - mean) / std`` per channel: the reference code's values for
+CIFAR-10, the usual training-set statistics for CIFAR-100 and ImageNet, and for digits and
+the synthetic set the mean and population std of their own training split (computed once
+at load; digits is mostly background, so 0.5/0.5 would leave its inputs far from zero mean).
+
+ImageNet uses ``torchvision.datasets.ImageFolder`` with a ``DistributedSampler`` (order is a
+pure function of ``(seed, epoch)`` too); its random crops come from the DataLoader workers'
+RNGs, so they are not bit-identical across a resume.
+
+CIFAR files are pickles, read with ``pickle.load`` exactly as torchvision does: only point
+``data.root`` at files you trust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from distgraft.config import ConfigError, DataConfig
+from distgraft.train.data.cifar import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_SPECS,
+    check_cifar,
+    load_cifar,
+)
+from distgraft.train.data.digits import load_digits
+from distgraft.train.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_imagenet,
+    check_imagenet,
+)
+from distgraft.train.data.loaders import (
+    DataError,
+    DataInfo,
+    DeviceLoader,
+    Loader,
+    TorchLoader,
+    channel_stats,
+    epoch_seed,
+)
+from distgraft.train.data.synthetic import load_synthetic
+
+__all__ = [
+    "DataError",
+    "DataInfo",
+    "Loader",
+    "DeviceLoader",
+    "TorchLoader",
+    "check_available",
+    "build_data",
+    "epoch_seed",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+
+def check_available(cfg: DataConfig) -> None:
+    """Cheap pre-flight check, run before any process group starts.
+
+    Raises :class:`DataError` when the CIFAR batches are missing and ``data.download`` is
+    false, when ImageNet's train/ or val/ folder is missing, or when scikit-learn is
+    missing for digits. Reads no data.
+    """
+    if cfg.name in CIFAR_SPECS:
+        check_cifar(CIFAR_SPECS[cfg.name], cfg)
+    elif cfg.name == "imagenet":
+        check_imagenet(cfg)
+    elif cfg.name == "digits":
+        if importlib.util.find_spec("sklearn") is None:
+            raise DataError(
+                "data.name = 'digits' needs scikit-learn: pip install 'distgraft[digits]'"
+            )
+    elif cfg.name != "synthetic":
+        raise ConfigError(
+            f"data.name = {cfg.name!r} is invalid: allowed values are digits, cifar10, "
+            "cifar100, imagenet, synthetic"
+        )
+
+
+def build_data(
+    cfg: DataConfig,
+    device: torch.device,
+    seed: int,
+    replica: int = 0,
+    replicas: int = 1,
+    channels_last: bool = False,
+) -> tuple[Loader, Loader, DataInfo]:
+    """(train_loader, test_loader, info) for this replica of one network.
+
+    ``seed`` fixes the training order and augmentation (see the module docstring);
+    ``replica``/``replicas`` select this process's shard of the training set.
+    """
+    device = torch.device(device)
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise ValueError(f"replica {replica} of {replicas} is invalid")
+    check_available(cfg)
+    if cfg.name == "imagenet":
+        return build_imagenet(cfg, device, seed, replica, replicas, channels_last)
+
+    if cfg.name == "digits":
+        xtr, ytr, xte, yte = load_digits()
+        num_classes, pad, flip = 10, 1, False
+        mean, std = channel_stats(xtr)
+    elif cfg.name in CIFAR_SPECS:
+        spec = CIFAR_SPECS[cfg.name]
+        xtr, ytr, xte, yte = load_cifar(spec, cfg)
+        num_classes, pad, flip = spec.num_classes, 4, True
+        mean, std = spec.mean, spec.std
+    else:  # synthetic (check_available rejected anything else)
+        xtr, ytr, xte, yte = load_synthetic(cfg)
+        big = min(xtr.shape[2:]) >= 16
+        num_classes, pad, flip = cfg.synthetic_classes, 4 if big else 0, big
+        mean, std = channel_stats(xtr)
+    if not cfg.augment:
+        pad, flip = 0, False
+    if xtr.shape[0] < replicas:
+        raise DataError(
+            f"{cfg.name} has {xtr.shape[0]} training images, fewer than the {replicas} "
+            "replicas that would share them"
+        )
+
+    def loader(x: Tensor, y: Tensor, batch_size: int, train: bool) -> DeviceLoader:
+        return DeviceLoader(
+            x.to(device),
+            y.to(device, torch.int64),
+            mean,
+            std,
+            batch_size,
+            train=train,
+            pad=pad,
+            flip=flip,
+            seed=seed,
+            replica=replica,
+            replicas=replicas,
+            channels_last=channels_last,
+        )
+
+    train = loader(xtr, ytr, cfg.batch_size, train=True)
+    test = loader(xte, yte, cfg.test_batch_size, train=False)
+    # image_size is the height (all built-in datasets are square).
+    info = DataInfo(
+        num_classes, xtr.shape[1], xtr.shape[2], xtr.shape[0], xte.shape[0], tuple(xtr.shape[1:])
+    )
+    return train, test, info

@@ -1,0 +1,100 @@
+"""ImageNet from ImageFolder train/ and val/ folders, streamed by DataLoader workers.
+
+Its random crops come from the workers' RNGs, so unlike the device-resident datasets they
+are not bit-identical across a resume; the order (DistributedSampler) is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distgraft.config import DataConfig
+from distgraft.train.data.loaders import DataError, DataInfo, Loader, TorchLoader
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "check_imagenet", "build_imagenet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_imagenet(cfg: DataConfig) -> None:
+    root = Path(cfg.root)
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(
+                f"ImageNet folder {str(folder)!r} not found (data.root = {cfg.root!r}); put "
+                "the class folders of the training images under root/train and of the "
+                "validation images under root/val (data.download is not supported for "
+                "imagenet)"
+            )
+
+
+def build_imagenet(
+    cfg: DataConfig,
+    device: torch.device,
+    seed: int,
+    replica: int,
+    replicas: int,
+    channels_last: bool,
+) -> tuple[Loader, Loader, DataInfo]:
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets, transforms
+
+    check_imagenet(cfg)
+    size = cfg.image_size
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    evaluate = transforms.Compose(
+        [
+            transforms.Resize(int(size * 256 / 224)),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    train_tf = (
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalise,
+            ]
+        )
+        if cfg.augment
+        else evaluate
+    )
+    sets = {}
+    for split, tf in (("train", train_tf), ("val", evaluate)):
+        folder = Path(cfg.root) / split
+        try:
+            sets[split] = datasets.ImageFolder(str(folder), transform=tf)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(
+                f"cannot read ImageNet folder {str(folder)!r} (data.root = {cfg.root!r}): {e}"
+            ) from e
+    train_set, val_set = sets["train"], sets["val"]
+    if train_set.classes != val_set.classes:
+        raise DataError(
+            f"ImageNet class folders differ between {str(Path(cfg.root) / 'train')!r} "
+            f"({len(train_set.classes)}) and {str(Path(cfg.root) / 'val')!r} "
+            f"({len(val_set.classes)}); labels would not match (data.root = {cfg.root!r})"
+        )
+    common = {
+        "num_workers": cfg.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": cfg.workers > 0,
+    }
+    sampler = DistributedSampler(
+        train_set, num_replicas=replicas, rank=replica, shuffle=True, seed=seed
+    )
+    train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
+    test = DataLoader(val_set, batch_size=cfg.test_batch_size, shuffle=False, **common)
+    info = DataInfo(len(train_set.classes), 3, size, len(train_set), len(val_set), (3, size, size))
+    return (
+        TorchLoader(train, device, channels_last, sampler),
+        TorchLoader(test, device, channels_last),
+        info,
+    )

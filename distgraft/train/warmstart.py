@@ -1,0 +1,74 @@
+"""Training from an existing checkpoint: ``--model.init=PATH``.
+
+The usual reason is fine-tuning a compressed network (Li et al. retrain a pruned network at
+a constant lr of 0.001 for 40 epochs; Hu et al. retrain from the surviving weights, not from
+scratch). The checkpoint's recorded architecture is rebuilt (``compress.archive``), so a
+pruned network stays pruned, and everything ``train`` has still applies: N networks and
+their grafting, replicas, resume, telemetry. ``{network}`` in the path gives every network
+its own start (e.g. the networks of a grafting run, pruned with one shared choice so that
+their filters stay aligned).
+
+Resume wins over init: a run folder with checkpoints continues from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from distgraft.compress.archive import (
+    CheckpointError,
+    arch_of,
+    build,
+    read_checkpoint,
+    weights_of,
+)
+from distgraft.config import Config, ConfigError
+
+__all__ = ["init_path", "check_init", "load_init"]
+
+
+def init_path(cfg: Config, network: int) -> Path:
+    """The checkpoint network ``network`` starts from."""
+    return Path(cfg.model.init.replace("{network}", str(network)))
+
+
+def _arch(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        state = read_checkpoint(path)
+        return state, arch_of(state)
+    except CheckpointError as e:
+        raise ConfigError(f"model.init: {e}") from e
+
+
+def check_init(cfg: Config, networks: int) -> None:
+    """Pre-flight: every network's start checkpoint is readable and of model.name."""
+    if not cfg.model.init:
+        return
+    for k in range(networks):
+        path = init_path(cfg, k)
+        _, arch = _arch(path)
+        if arch["model"] != cfg.model.name:
+            raise ConfigError(
+                f"model.init = {str(path)!r} holds a {arch['model']} network but model.name = "
+                f"{cfg.model.name!r}; set --model.name={arch['model']}"
+            )
+
+
+def load_init(cfg: Config, network: int, num_classes: int, in_channels: int) -> tuple[
+    nn.Module, dict[str, Any]
+]:
+    """(model with the checkpoint's weights, its arch record) for network ``network``."""
+    path = init_path(cfg, network)
+    state, arch = _arch(path)
+    if (arch["num_classes"], arch["in_channels"]) != (num_classes, in_channels):
+        raise ConfigError(
+            f"model.init = {str(path)!r} was trained for {arch['num_classes']} classes of "
+            f"{arch['in_channels']}-channel images, but data.name = {cfg.data.name!r} has "
+            f"{num_classes} classes of {in_channels}-channel images"
+        )
+    model = build(arch)
+    model.load_state_dict(weights_of(state), strict=True)
+    return model, arch
