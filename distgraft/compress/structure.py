@@ -190,23 +190,31 @@ def _lenet5(model: nn.Module) -> list[Group]:
     ]
 
 
-def _torchvision_resnet_class() -> type | None:
-    try:
-        from torchvision.models.resnet import ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-    return ResNet
-
-
 FAMILIES: dict[str, str] = {
     "CifarResNet": "CIFAR ResNets (resnet20/32/56/110 and _leaky)",
     "VGG": "vgg16_bn, vgg16_li",
-    "MobileNetV2": "mobilenetv2",
+    "MobileNetV2": "mobilenetv2 (distgraft's CIFAR variant)",
     "DigitsCNN": "digits_cnn",
     "LeNet300100": "lenet300_100",
     "LeNet5": "lenet5",
     "ResNet": "torchvision:resnet18/34/50/101/152 (and wide/resnext variants)",
 }
+"""Family name -> the models it covers (for error messages)."""
+
+
+def _classes() -> dict[type, str]:
+    """Model class -> family. By class, not by name: torchvision has its own MobileNetV2."""
+    from torchvision.models.resnet import ResNet
+
+    from distgraft.models.cifar_resnet import CifarResNet
+    from distgraft.models.mobilenetv2 import MobileNetV2
+    from distgraft.models.small import DigitsCNN
+    from distgraft.models.vgg import VGG
+
+    return {CifarResNet: "CifarResNet", VGG: "VGG", MobileNetV2: "MobileNetV2",
+            DigitsCNN: "DigitsCNN", ResNet: "ResNet"}  # fmt: skip
+
+
 _BUILDERS = {
     "CifarResNet": _cifar_resnet,
     "VGG": _vgg,
@@ -220,16 +228,14 @@ _BUILDERS = {
 
 def family_of(model: nn.Module) -> str:
     """The family name of ``model``, or UnsupportedModel listing what is supported."""
-    name = type(model).__name__
-    if name == "ResNet" and not isinstance(model, _torchvision_resnet_class() or ()):
-        name = ""
-    if name not in _BUILDERS:
+    family = _classes().get(type(model))
+    if family is None:
         known = "; ".join(FAMILIES.values())
         raise UnsupportedModel(
-            f"channel removal does not support {type(model).__name__} models; supported "
-            f"families: {known}"
+            f"channel removal does not support {type(model).__module__}."
+            f"{type(model).__name__} models; supported families: {known}"
         )
-    return name
+    return family
 
 
 def _slope(act: nn.Module) -> float:

@@ -1,0 +1,510 @@
+"""Structured pruning (Li et al. 2017) and APoZ (Hu et al. 2016): the contracts users rely on.
+
+* Removing channels and zeroing them (filters + BatchNorm weight and bias) give the same
+  outputs, on every supported model family (float64, eval mode, atol 1e-10: the two differ
+  only in the order of additions).
+* The presets reproduce Li et al.'s Table 1 and agree with hand-computed counts.
+* APoZ equals a literal loop and is counted after the ReLU that follows BatchNorm.
+* Pruned checkpoints round-trip through torch.load(weights_only=True).
+* The command line: bad input exits 2 and writes nothing; distributed sensitivity equals
+  the single-process result; pruned networks fine-tune and graft under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
+from torch import nn
+
+from distgraft.cli import main
+from distgraft.compress.archive import base_arch, load_model
+from distgraft.compress.counting import count
+from distgraft.compress.criteria import apoz
+from distgraft.compress.presets import preset_ratios
+from distgraft.compress.prune import (
+    PruneError,
+    PruneSpec,
+    apply_pruning,
+    layer_ratios,
+    prune_edits,
+    select,
+)
+from distgraft.compress.structure import (
+    UnsupportedModel,
+    by_name,
+    groups_of,
+    mask_,
+    remove,
+)
+from distgraft.config import Config, to_toml, with_overrides
+from distgraft.files import save_atomic
+from distgraft.models import build_model
+
+CIFAR = (3, 32, 32)
+DIGITS = (1, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_like(name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    """A float64 model whose BatchNorm statistics have moved off 0 / 1 (eval mode)."""
+    torch.manual_seed(seed)
+    model = build_model(name, 10, shape[0]).double()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, *shape, dtype=torch.double))
+        for m in model.modules():  # BN affine parameters away from 1 / 0 too
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+# -- removal equals masking --------------------------------------------------------------
+
+FAMILIES = [
+    ("resnet20", CIFAR),
+    ("resnet20_leaky", CIFAR),
+    ("vgg16_bn", CIFAR),
+    ("vgg16_li", CIFAR),
+    ("mobilenetv2", CIFAR),
+    ("digits_cnn", DIGITS),
+    ("torchvision:resnet18", (3, 64, 64)),
+    ("torchvision:resnet50", (3, 64, 64)),
+]
+
+
+@pytest.mark.parametrize(("name", "shape"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_removed_channels_give_the_outputs_of_zeroed_ones(name, shape) -> None:
+    """Every group (torchvision residual streams included) loses a random half."""
+    model = trained_like(name, shape)
+    groups = groups_of(model, shape)
+    masked, removed = copy.deepcopy(model), copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    for group in groups:
+        perm = torch.randperm(group.channels, generator=g)
+        k = max(1, group.channels // 2)
+        mask_(masked, group, perm[k:])
+        remove(removed, group, perm[:k].sort().values)
+    x = torch.randn(4, *shape, dtype=torch.double, generator=g)
+    with torch.no_grad():
+        want, got = masked(x), removed(x)
+        assert not torch.allclose(model(x), want)  # the pruning did change the function
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert count(removed, shape).params < count(model, shape).params
+    for group in groups:  # physically smaller: every producer lost its channels
+        module = dict(removed.named_modules())[group.name]
+        assert module.weight.shape[0] == max(1, group.channels // 2)
+
+
+def test_depthwise_conv_follows_its_expand_conv() -> None:
+    model = trained_like("mobilenetv2", CIFAR)
+    group = by_name(groups_of(model, CIFAR))["layers.3.conv1"]
+    assert group.depthwise == ("layers.3.conv2",) and group.consumers == ("layers.3.conv3",)
+    remove(model, group, torch.arange(10))
+    block = model.layers[3]
+    assert block.conv1.out_channels == block.conv2.groups == block.conv2.out_channels == 10
+    assert block.bn2.num_features == 10 and block.conv3.in_channels == 10
+
+
+def test_cifar_resnet_prunes_only_the_first_conv_of_each_block() -> None:
+    """Option-A shortcuts fix the residual channels: conv2 outputs are never pruned."""
+    groups = groups_of(build_model("resnet56", 10), CIFAR)
+    assert len(groups) == 27
+    assert all(g.producers == (g.name,) and g.name.endswith("conv1") for g in groups)
+    assert [g.stage for g in groups] == [1] * 9 + [2] * 9 + [3] * 9
+
+
+def test_torchvision_streams_follow_the_projection_shortcut() -> None:
+    groups = by_name(groups_of(build_model("torchvision:resnet18", 10), (3, 64, 64)))
+    stream = groups["layer2.0.downsample.0"]
+    assert not stream.default  # only pruned when named
+    assert stream.producers == ("layer2.0.downsample.0", "layer2.0.conv2", "layer2.1.conv2")
+    assert stream.consumers == ("layer2.1.conv1", "layer3.0.conv1", "layer3.0.downsample.0")
+    assert groups["conv1"].producers == ("conv1", "layer1.0.conv2", "layer1.1.conv2")
+
+
+# -- Li's presets --------------------------------------------------------------------------
+
+# Li et al. (2017) Table 1 as printed: FLOPs, pruned %, params (conv + linear), pruned %.
+TABLE_1 = {
+    "vgg16-a": ("vgg16_li", "3.13E8", "2.06E8", 34.2, "1.5E7", "5.4E6", 64.0),
+    "resnet56-a": ("resnet56", "1.25E8", "1.12E8", 10.4, "8.5E5", "7.7E5", 9.4),
+    "resnet56-b": ("resnet56", "1.25E8", "9.09E7", 27.6, "8.5E5", "7.3E5", 13.7),
+    "resnet110-a": ("resnet110", "2.53E8", "2.13E8", 15.9, "1.72E6", "1.68E6", 2.3),
+    "resnet110-b": ("resnet110", "2.53E8", "1.55E8", 38.6, "1.72E6", "1.16E6", 32.4),
+}
+
+
+def printed(value: int, like: str) -> str:
+    """``value`` in the table's notation, with as many digits as ``like`` shows."""
+    digits = len(like.split("E")[0].replace(".", "")) - 1
+    return f"{value:.{digits}E}".replace("E+0", "E")
+
+
+def pruned(preset: str) -> tuple[nn.Module, nn.Module]:
+    name = TABLE_1[preset][0]
+    model = build_model(name, 10)
+    groups = groups_of(model, CIFAR)
+    small = copy.deepcopy(model)
+    apply_pruning(small, groups, select([model], groups, PruneSpec(preset_ratios(preset, model,
+                                                                                groups))))
+    return model, small
+
+
+@pytest.mark.parametrize("preset", list(TABLE_1))
+def test_presets_reproduce_li_table_1(preset: str) -> None:
+    _, flops0, flops1, flops_pct, params0, params1, params_pct = TABLE_1[preset]
+    model, small = pruned(preset)
+    before, after = count(model, CIFAR), count(small, CIFAR)
+    assert printed(before.flops, flops0) == flops0 and printed(after.flops, flops1) == flops1
+    assert printed(before.paper_params, params0) == params0
+    assert printed(after.paper_params, params1) == params1
+    cut = before.reduction(after)
+    # Percentages to the table's precision (0.1 point): with Li's rules they land within 0.07.
+    assert abs(cut["flops"] - flops_pct) <= 0.1, cut
+    assert abs(cut["paper_params"] - params_pct) <= 0.1, cut
+
+
+def cifar_resnet_counts(n: int, ratios: tuple, skip: tuple) -> tuple[int, int]:
+    """Hand count (MACs, conv + linear params) of a pruned ResNet-(6n+2) for 32x32 inputs."""
+    macs = params = 16 * 3 * 9 * 32 * 32 + 0
+    params = 16 * 3 * 9
+    width_in, k = 16, 0
+    for s, (width, size) in enumerate(((16, 32), (32, 16), (64, 8))):
+        for _ in range(n):
+            k += 1
+            ratio = ratios[min(s, len(ratios) - 1)]
+            inner = width if 2 * k in skip else int(round(width * (1 - ratio), 9))
+            macs += (inner * width_in + width * inner) * 9 * size * size
+            params += (inner * width_in + width * inner) * 9
+            width_in = width
+    return macs + 64 * 10, params + 64 * 10 + 10
+
+
+@pytest.mark.parametrize(
+    ("preset", "n", "ratios", "skip"),
+    [("resnet56-a", 9, (0.1,), (16, 20, 38, 54)),
+     ("resnet56-b", 9, (0.6, 0.3, 0.1), (16, 18, 20, 34, 38, 54)),
+     ("resnet110-a", 18, (0.5, 0.0, 0.0), (36,)),
+     ("resnet110-b", 18, (0.5, 0.4, 0.3), (36, 38, 74))],
+)  # fmt: skip
+def test_preset_counts_equal_hand_computed_ones(preset, n, ratios, skip) -> None:
+    _, small = pruned(preset)
+    c = count(small, CIFAR)
+    assert (c.flops, c.paper_params) == cifar_resnet_counts(n, ratios, skip)
+    assert (c.flops, c.paper_params) != cifar_resnet_counts(n, (0.0,), ())
+
+
+def test_vgg16_a_counts_equal_hand_computed_ones() -> None:
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    sizes = [32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2]
+    kept = [w // 2 if i + 1 in (1, 8, 9, 10, 11, 12, 13) else w for i, w in enumerate(widths)]
+    ins = [3, *kept[:-1]]
+    macs = sum(o * i * 9 * s * s for o, i, s in zip(kept, ins, sizes, strict=True))
+    params = sum(o * i * 9 for o, i in zip(kept, ins, strict=True))
+    macs += kept[-1] * 512 + 512 * 10
+    params += kept[-1] * 512 + 512 + 512 * 10 + 10
+    _, small = pruned("vgg16-a")
+    c = count(small, CIFAR)
+    assert (c.flops, c.paper_params) == (macs, params)
+
+
+def test_preset_on_the_wrong_network_is_refused() -> None:
+    model = build_model("resnet20", 10)
+    with pytest.raises(PruneError, match="resnet56"):
+        preset_ratios("resnet56-b", model, groups_of(model, CIFAR))
+
+
+# -- criteria and strategies ---------------------------------------------------------------
+
+
+def literal_apoz(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """APoZ of digits_cnn's three conv layers, spelled out: conv -> BN -> ReLU, count zeros."""
+    out: dict[str, torch.Tensor] = {}
+    h = x
+    for i in (1, 2, 3):
+        conv, bn = getattr(model, f"conv{i}"), getattr(model, f"bn{i}")
+        a = F.relu(bn(conv(h)))
+        zeros = torch.zeros(a.shape[1], dtype=torch.float64)
+        for c in range(a.shape[1]):
+            for n in range(a.shape[0]):
+                zeros[c] += float((a[n, c] == 0).sum())
+        out[f"conv{i}"] = zeros / (a.shape[0] * a[0, 0].numel())
+        h = F.max_pool2d(a, 2) if i == 2 else a
+    return out
+
+
+def test_apoz_equals_a_literal_loop_after_the_relu() -> None:
+    model = trained_like("digits_cnn", DIGITS)
+    x = torch.randn(20, *DIGITS, dtype=torch.double)
+    batches = [(x[:7], None), (x[7:], None)]  # two batches: counts accumulate
+    with torch.no_grad():
+        got = apoz(model, groups_of(model, DIGITS), batches)
+        want = literal_apoz(model, x)
+        raw = (model.conv1(x) == 0).double().mean((0, 2, 3))  # zeros of the raw conv output
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12)
+    assert float(got["conv1"].mean()) > 0.05 and float(raw.mean()) == 0.0
+
+
+def test_apoz_ratio_prunes_the_channels_most_often_zero() -> None:
+    model = trained_like("digits_cnn", DIGITS)
+    groups = groups_of(model, DIGITS)
+    values = apoz(model, groups, [(torch.randn(32, *DIGITS, dtype=torch.double), None)])
+    keep = select([model], groups, PruneSpec({"conv2": 0.25}, "apoz"), [values])["conv2"]
+    dropped = sorted(set(range(32)) - set(keep.tolist()))
+    assert len(keep) == 24
+    assert max(values["conv2"][keep]) <= min(values["conv2"][dropped])
+
+
+def test_greedy_ignores_kernels_of_removed_input_maps() -> None:
+    """conv1 loses filters 0-7; conv2's filters 0-7 draw all their weight from those maps,
+    so independent scoring keeps them and greedy scoring (Li section 3.2) removes them."""
+    model = build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        model.conv1.weight.fill_(1.0)
+        model.conv1.weight[:8] = 0.01  # the weakest half of conv1
+        model.conv2.weight.fill_(0.1)
+        model.conv2.weight[:8, :8] = 10.0  # strong, but only on maps conv1 loses
+        model.conv2.weight[:8, 8:] = 0.0
+    groups = groups_of(model, DIGITS)
+    ratios = {"conv1": 0.5, "conv2": 0.25}
+    independent = select([model], groups, PruneSpec(ratios, "l1", "independent"))
+    greedy = select([model], groups, PruneSpec(ratios, "l1", "greedy"))
+    assert independent["conv1"].tolist() == greedy["conv1"].tolist() == list(range(8, 16))
+    assert set(range(8)) <= set(independent["conv2"].tolist())
+    assert not set(range(8)) & set(greedy["conv2"].tolist())
+
+
+def test_shared_choice_sums_the_networks_scores() -> None:
+    a, b = build_model("digits_cnn", 10, 1), build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        a.conv1.weight.copy_(torch.arange(16.0).view(16, 1, 1, 1).expand(16, 1, 3, 3))
+        b.conv1.weight.copy_(torch.arange(16.0).flip(0).view(16, 1, 1, 1).expand(16, 1, 3, 3))
+        b.conv1.weight[0] += 100  # filter 0: weak in a, strongest in b
+    groups = groups_of(a, DIGITS)
+    alone = select([a], groups, PruneSpec({"conv1": 0.5}))["conv1"]
+    shared = select([a, b], groups, PruneSpec({"conv1": 0.5}))["conv1"]
+    assert 0 not in alone.tolist() and 0 in shared.tolist()
+
+
+def test_invalid_criterion_removes_filters_below_the_threshold() -> None:
+    model = build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        model.conv2.weight[[3, 5, 7]] = 1e-6  # L1 = 288 * 1e-6, below 0.01
+    groups = groups_of(model, DIGITS)
+    keep = select([model], groups, PruneSpec({"conv2": 0.0}, "invalid", threshold=0.01))
+    assert sorted(set(range(32)) - set(keep["conv2"].tolist())) == [3, 5, 7]
+
+
+def test_bad_ratios_and_names_are_refused() -> None:
+    groups = groups_of(build_model("digits_cnn", 10, 1), DIGITS)
+    with pytest.raises(PruneError, match=r"outside \[0, 1\)"):
+        layer_ratios(groups, 1.0)
+    with pytest.raises(PruneError, match="unknown layer 'conv9'.*conv1, conv2, conv3"):
+        layer_ratios(groups, 0.5, ["conv9"])
+    with pytest.raises(PruneError, match="removes every filter of conv1"):
+        select([build_model("digits_cnn", 10, 1)], groups, PruneSpec({"conv1": 0.95}))
+    assert layer_ratios(groups, None, (), (0.5, 0.25)) == {"conv1": 0.5, "conv2": 0.5,
+                                                            "conv3": 0.25}  # fmt: skip
+
+
+def test_unsupported_family_is_named() -> None:
+    with pytest.raises(UnsupportedModel, match="MobileNetV2.*supported families"):
+        groups_of(build_model("torchvision:mobilenet_v2", 10), (3, 32, 32))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def write_checkpoint(path: Path, name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    """A checkpoint as ``distgraft train`` writes it (weights, config, arch), of a random net."""
+    torch.manual_seed(seed)
+    model = build_model(name, 10, shape[0])
+    data = "digits" if shape == DIGITS else "cifar10"
+    cfg = with_overrides(Config(), model={"name": name}, data={"name": data})
+    save_atomic({"model": model.state_dict(), "config": to_toml(cfg), "epoch": 0,
+                 "arch": base_arch(name, 10, shape[0], shape)}, path)  # fmt: skip
+    return model
+
+
+def plain(value) -> bool:
+    """Only tensors and plain containers: what weights_only loading may contain."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(plain(v) for v in value)
+    return value is None or isinstance(value, torch.Tensor | int | float | str | bool)
+
+
+def test_pruned_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = trained_like("resnet20", CIFAR).float()
+    groups = groups_of(model, CIFAR)
+    keep = select([model], groups, PruneSpec(layer_ratios(groups, None, (), (0.6, 0.3, 0.1))))
+    apply_pruning(model, groups, keep)
+    from distgraft.compress.archive import save_compressed
+
+    arch = {**base_arch("resnet20", 10, 3, CIFAR), "edits": prune_edits(keep)}
+    save_compressed(tmp_path / "p.pt", model, arch, kind="pruned")
+    state = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert plain(state) and state["kind"] == "pruned"
+    back = load_model(tmp_path / "p.pt")
+    x = torch.randn(2, *CIFAR)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x), rtol=0, atol=0)
+    assert count(back, CIFAR) == count(model, CIFAR)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def compress(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``distgraft compress ARGS`` in a fresh process, as a user runs it."""
+    return run([sys.executable, "-m", "distgraft", "compress", *args], timeout=timeout)
+
+
+def compress_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command line in this process (no interpreter start): exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compress", *args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_cli_prune_json_and_fine_tune_shapes(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "r20.pt", "resnet20", CIFAR)
+    out = tmp_path / "r20p.pt"
+    proc = compress("prune", str(tmp_path / "r20.pt"), "--stage-ratios", "0.5,0.25",
+                    "--out", str(out), "--json", "--latency-batch", "4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    for key in ("params_before", "params_after", "flops_before", "flops_after"):
+        assert isinstance(row[key], int)
+    assert row["flops_after"] < row["flops_before"] and row["latency_ms_after"] > 0
+    model = load_model(out)
+    assert count(model, CIFAR).flops == row["flops_after"]
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer3[0].conv1.out_channels == 64
+    info = json.loads(compress_here("info", str(out), "--json").stdout)
+    assert info["edits"] == {"prune": 6} and info["params"] == row["params_after"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [(["--ratio", "1.2"], "outside [0, 1)"),
+     (["--ratio", "0.5", "--layers", "conv7"], "unknown layer 'conv7'"),
+     (["--ratio", "0.99"], "removes every filter of conv1"),
+     (["--preset", "resnet56-b"], "preset resnet56-b is defined for ResNet-56"),
+     ([], "nothing to prune")],
+)  # fmt: skip
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args, expect) -> None:
+    write_checkpoint(tmp_path / "d.pt", "digits_cnn", DIGITS)
+    out = tmp_path / "out.pt"
+    proc = compress_here("prune", str(tmp_path / "d.pt"), *args, "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("distgraft compress prune: error:") and expect in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["d.pt"]  # not even a temp file
+
+
+def test_cli_refuses_unsupported_family_and_foreign_files(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m.pt", "torchvision:mobilenet_v2", CIFAR)
+    proc = compress_here("prune", str(tmp_path / "m.pt"), "--ratio", "0.3", "--out", "x.pt")
+    assert proc.returncode == 2 and "supported families" in proc.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = compress_here("prune", str(tmp_path / "junk.pt"), "--ratio", "0.3", "--out", "x.pt")
+    assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def sensitivity_args(tmp_path: Path, out: str) -> list[str]:
+    return [str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--labels", "a", "b",
+            "--ratios", "0.25,0.5,0.75", "--out", str(tmp_path / out)]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sensitivity_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "a.pt", "digits_cnn", DIGITS, seed=1)
+    write_checkpoint(tmp_path / "b.pt", "digits_cnn", DIGITS, seed=2)
+    one = compress("sensitivity", *sensitivity_args(tmp_path, "one"))
+    assert one.returncode == 0, one.stderr
+    two = run(torchrun_cmd(2, *sensitivity_args(tmp_path, "two"),
+                           command=("compress", "sensitivity")))  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    csv1 = (tmp_path / "one" / "sensitivity.csv").read_text()
+    assert csv1 == (tmp_path / "two" / "sensitivity.csv").read_text()
+    assert "2 rank(s)" in two.stdout and "1 rank(s)" in one.stdout
+    lines = csv1.splitlines()
+    assert len(lines) == 1 + 2 * 3 * 3  # header + 2 checkpoints x 3 layers x 3 ratios
+    assert (tmp_path / "two" / "sensitivity.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pruned_networks_fine_tune_and_graft_under_torchrun(tmp_path: Path) -> None:
+    """Train 2 grafting networks, prune both with one shared choice, fine-tune them grafting."""
+    first = run(torchrun_cmd(2, *common(tmp_path, "dense", 2)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = [str(tmp_path / "dense" / f"net{k}" / "last.pt") for k in (0, 1)]
+    proc = compress("prune", *ckpts, "--ratio", "0.5", "--eval", "--json",
+                    "--out", str(tmp_path / "pruned{i}.pt"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["layers"] == rows[1]["layers"]
+    tune = run(torchrun_cmd(2, *common(tmp_path, "tuned", 2),
+                            f"--model.init={tmp_path}/pruned{{network}}.pt", "--optim.lr=0.01",
+                            "--optim.schedule=constant", "--optim.difflr=false"))  # fmt: skip
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    evs = events(tmp_path / "tuned")
+    for k in (0, 1):
+        grafts = [e for e in evs if e["event"] == "graft" and e["network"] == k]
+        assert len(grafts) == 2 and all(0.3 < a < 0.7 for g in grafts for a in g["alpha"])
+        state = torch.load(tmp_path / "tuned" / f"net{k}" / "last.pt", weights_only=True)
+        assert state["model"]["conv2.weight"].shape == (16, 8, 3, 3)
+        assert [e["op"] for e in state["arch"]["edits"]] == ["prune"] * 3
+    assert [e for e in evs if e["event"] == "summary"][0]["networks"][0]["final_acc"] > 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_trim_rounds_write_events_and_a_smaller_network(tmp_path: Path) -> None:
+    first = run([sys.executable, "-m", "distgraft", "train", *common(tmp_path, "dense", 3)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "trim"
+    proc = compress("trim", str(tmp_path / "dense" / "net0" / "last.pt"), "--rounds", "2",
+                    "--epochs", "1", "--max-drop", "100", "--layers-per-round", "2",
+                    "--quiet", "--out", str(out), timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trims = [e for e in events(out) if e["event"] == "trim"]
+    assert [t["round"] for t in trims] == [1, 2]
+    assert trims[0]["params"] > trims[1]["params"] and len(trims[0]["layers"]) == 2
+    small = load_model(out / "trimmed.pt")
+    assert count(small, DIGITS).params == trims[-1]["params"]
+    assert "round" in proc.stdout and "trimmed.pt" in proc.stdout
+
+
+def test_prune_help_documents_the_interface() -> None:
+    proc = subprocess.run([sys.executable, "-m", "distgraft", "compress", "prune", "--help"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--preset", "--ratio", "--layers", "--criterion", "--out", "--json",
+                 "resnet56-b", "vgg16-a", "greedy", "apoz"):  # fmt: skip
+        assert flag in proc.stdout, flag
