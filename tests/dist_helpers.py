@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SETUP_FAILURE = "Gloo connectFullMesh failed"
+"""What gloo reports when it could not connect the ranks of a new process group."""
 
 
 @dataclass
@@ -195,7 +197,22 @@ class WorkerPool:
         A rank whose process ends without answering gets an error saying so; when the
         deadline passes, every rank that has not answered is reported as timed out and the
         whole pool is killed (it restarts on the next call).
+
+        Gloo sometimes fails to set up its connections on a heavily loaded machine
+        (``connectFullMesh ... Connection closed by peer`` inside init_process_group, seen
+        about once in 30 runs with both cores oversubscribed). That happens before the
+        task's own code runs, so the task is run once more on fresh processes; a failure of
+        the task itself is never retried.
         """
+        outcomes = self._run_once(fn, world, args, deadline_s)
+        if any(SETUP_FAILURE in (o.error or "") for o in outcomes):
+            self.kill()
+            outcomes = self._run_once(fn, world, args, deadline_s)
+        return outcomes
+
+    def _run_once(
+        self, fn: Callable[..., Any], world: int, args: tuple, deadline_s: float
+    ) -> list[Outcome]:
         if not 1 <= world <= self.size:
             raise ValueError(f"world {world} does not fit a pool of {self.size}")
         self._ensure(world)

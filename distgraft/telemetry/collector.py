@@ -121,8 +121,13 @@ class Collector:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread (it polls every 50 ms) and release the ports."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (it polls every 50 ms, so this is quick) and release the ports.
+
+        The generous ``timeout`` matters on a loaded machine: the sockets are closed and the
+        ports freed only once the thread has seen the flag, and a port still bound would
+        make the next collector on it fail.
+        """
         if self._thread is None:
             return
         self._stop.set()
