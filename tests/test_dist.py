@@ -8,6 +8,8 @@ Most tests are single-process; the last ones start 4 real processes (gloo, CPU) 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,6 +157,31 @@ def test_distributed_tears_down_when_the_body_raises(no_launcher) -> None:
         assert dist.is_initialized()
         raise KeyError("boom")
     assert not dist.is_initialized()
+
+
+CLOSE_STOPS_THREADS = """
+import os, torch
+from distgraft.comm.dist import close, init_distributed
+init_distributed(0, "gloo", 30)
+torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo
+gloo = lambda: [t for t in os.listdir("/proc/self/task")
+                if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+assert gloo(), "the process group runs gloo threads"
+close()
+print("gloo threads after close:", len(gloo()))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_close_stops_the_gloo_threads_after_an_optimizer_exists() -> None:
+    """A group that outlives close() aborts the process at exit (SIGABRT from a gloo thread
+    releasing tensors during interpreter shutdown). A fresh process: the import order
+    that pins the group only shows the first time torch._dynamo is imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", CLOSE_STOPS_THREADS], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gloo threads after close: 0" in proc.stdout, proc.stdout
 
 
 # -- 4 processes: 2 networks x 2 replicas -------------------------------------------------

@@ -184,6 +184,7 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
+    _import_compiler_first()
     if not dist.is_initialized():
         if source == "single":
             dist.init_process_group(
@@ -201,6 +202,20 @@ def init_distributed(
         if k == network:
             group = g
     return DistInfo(rank, world, local_rank, network, replica, n, r, device, backend, group)
+
+
+def _import_compiler_first() -> None:
+    """Import torch._dynamo before any process group exists.
+
+    The first optimizer (or torch.compile) imports it lazily; when that happens after
+    init_process_group, a reference taken during the import keeps the gloo group alive in
+    C++ after destroy_process_group. Its worker threads then outlive Python: one of them
+    releasing a finished all_gather's tensors during interpreter shutdown cannot take
+    the GIL and aborts the process ("terminate called without an active exception",
+    SIGABRT after a run that completed). Imported first, nothing pins the group and
+    close() really stops its threads (tests/test_dist.py checks it).
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def close() -> None:
