@@ -31,6 +31,7 @@ from distgraft.cli import main
 from distgraft.compress.archive import base_arch, load_model
 from distgraft.compress.counting import count
 from distgraft.compress.criteria import apoz
+from distgraft.compress.names import PRESETS
 from distgraft.compress.presets import preset_ratios
 from distgraft.compress.prune import (
     PruneError,
@@ -50,6 +51,7 @@ from distgraft.compress.structure import (
 from distgraft.config import Config, to_toml, with_overrides
 from distgraft.files import save_atomic
 from distgraft.models import build_model
+from distgraft.tools.compress_cli import printed
 
 CIFAR = (3, 32, 32)
 DIGITS = (1, 8, 8)
@@ -144,25 +146,8 @@ def test_torchvision_streams_follow_the_projection_shortcut() -> None:
 
 # -- Li's presets --------------------------------------------------------------------------
 
-# Li et al. (2017) Table 1 as printed: FLOPs, pruned %, params (conv + linear), pruned %.
-TABLE_1 = {
-    "vgg16-a": ("vgg16_li", "3.13E8", "2.06E8", 34.2, "1.5E7", "5.4E6", 64.0),
-    "resnet56-a": ("resnet56", "1.25E8", "1.12E8", 10.4, "8.5E5", "7.7E5", 9.4),
-    "resnet56-b": ("resnet56", "1.25E8", "9.09E7", 27.6, "8.5E5", "7.3E5", 13.7),
-    "resnet110-a": ("resnet110", "2.53E8", "2.13E8", 15.9, "1.72E6", "1.68E6", 2.3),
-    "resnet110-b": ("resnet110", "2.53E8", "1.55E8", 38.6, "1.72E6", "1.16E6", 32.4),
-}
-
-
-def printed(value: int, like: str) -> str:
-    """``value`` in the table's notation, with as many digits as ``like`` shows."""
-    digits = len(like.split("E")[0].replace(".", "")) - 1
-    return f"{value:.{digits}E}".replace("E+0", "E")
-
-
 def pruned(preset: str) -> tuple[nn.Module, nn.Module]:
-    name = TABLE_1[preset][0]
-    model = build_model(name, 10)
+    model = build_model(PRESETS[preset].model, 10)
     groups = groups_of(model, CIFAR)
     small = copy.deepcopy(model)
     apply_pruning(small, groups, select([model], groups, PruneSpec(preset_ratios(preset, model,
@@ -170,9 +155,9 @@ def pruned(preset: str) -> tuple[nn.Module, nn.Module]:
     return model, small
 
 
-@pytest.mark.parametrize("preset", list(TABLE_1))
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_reproduce_li_table_1(preset: str) -> None:
-    _, flops0, flops1, flops_pct, params0, params1, params_pct = TABLE_1[preset]
+    flops0, flops1, flops_pct, params0, params1, params_pct = PRESETS[preset].table
     model, small = pruned(preset)
     before, after = count(model, CIFAR), count(small, CIFAR)
     assert printed(before.flops, flops0) == flops0 and printed(after.flops, flops1) == flops1
@@ -226,6 +211,15 @@ def test_vgg16_a_counts_equal_hand_computed_ones() -> None:
     _, small = pruned("vgg16-a")
     c = count(small, CIFAR)
     assert (c.flops, c.paper_params) == (macs, params)
+
+
+def test_cli_presets_table_matches_li() -> None:
+    proc = compress_here("presets", "--json")
+    rows = {r["preset"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert proc.returncode == 0 and set(rows) == set(PRESETS)
+    for name, row in rows.items():
+        assert row["flops_printed"] == PRESETS[name].table[1], row
+        assert row["params_printed"] == PRESETS[name].table[4], row
 
 
 def test_preset_on_the_wrong_network_is_refused() -> None:
