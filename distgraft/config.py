@@ -24,6 +24,8 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "GraftConfig",
+    "CompressConfig",
+    "RegularizeConfig",
     "TelemetryConfig",
     "DistConfig",
     "load_config",
@@ -56,7 +58,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet32"
-    """resnet20/32/56/110 (+ _leaky), mobilenetv2, vgg16_bn, digits_cnn, or torchvision:ARCH."""
+    """resnet20/32/56/110 (+ _leaky), mobilenetv2, vgg16_bn, vgg16_li, digits_cnn,
+    lenet300_100, lenet5, or torchvision:ARCH."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last (NHWC): faster on GPUs and CPUs."""
     compile: bool = False
@@ -159,6 +162,40 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    method: str = "none"
+    """none | magnitude: prune small weights while training, round by round (Han et al. 2015)."""
+    schedule: tuple[float, ...] = ()
+    """magnitude: each round's sparsity of every pruned layer, e.g. [0.5, 0.75, 0.9]."""
+    quality: tuple[float, ...] = ()
+    """magnitude, instead of schedule: each round's threshold is quality x std of the layer's
+    weights (Han's rule), e.g. [0.5, 1.0, 1.5]."""
+    start_epoch: int = 0
+    """Epoch at whose start the first round prunes (0: the starting weights, e.g. model.init)."""
+    round_epochs: int = 1
+    """Epochs of retraining after a round before the next one prunes more."""
+    layers: str = "conv+linear"
+    """Weights magnitude pruning touches: conv | linear | conv+linear (biases never)."""
+    skip_first: bool = True
+    """Leave the first conv alone (Han et al. find it the most sensitive layer)."""
+    skip: tuple[str, ...] = ()
+    """Layers never pruned (module names, e.g. [fc3])."""
+    rescale_dropout: bool = True
+    """After each round set every dropout to D_o * sqrt(C_r / C_o) (Han et al. 3.1)."""
+
+
+@dataclass(frozen=True)
+class RegularizeConfig:
+    force: str = "none"
+    """none | degradation | constant | linear | gravity: Force Regularization (Wen et al. 2017)
+    pulls the filters of each layer towards each other so low-rank approximation cuts more."""
+    force_decay: float = 0.0
+    """lambda_s: training subtracts force_decay x the force from the gradient."""
+    force_layers: str = "conv"
+    """conv | conv+linear: the layers whose filters attract each other."""
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
@@ -173,6 +210,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     graft: GraftConfig = field(default_factory=GraftConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -197,6 +236,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "graft.level": ("layer", "filter"),
     "graft.wire_dtype": ("float32", "bfloat16"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "compress.method": ("none", "magnitude"),
+    "compress.layers": ("conv", "linear", "conv+linear"),
+    "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
+    "regularize.force_layers": ("conv", "conv+linear"),
 }
 
 
@@ -238,9 +281,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             value = [] if text in ("", "[]", "()") else text.strip("[]()").split(",")
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} = {value!r}: expected a list of integers")
         item = get_args(typ)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__} values")
         return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
     if typ is bool:
         if isinstance(value, bool):
@@ -368,7 +411,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value; with ``world_size``, also the networks x replicas layout."""
-    from distgraft.models import is_known_model
+    from distgraft.models import MODEL_NAMES, is_known_model
 
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -378,8 +421,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         is_known_model(cfg.model.name),
         "model.name",
         cfg.model.name,
-        "use resnet20/32/56/110 (or _leaky), mobilenetv2, vgg16_bn, digits_cnn, "
-        "or torchvision:ARCH with a torchvision classification architecture",
+        f"use one of {', '.join(MODEL_NAMES)}, or torchvision:ARCH with a torchvision "
+        "classification architecture",
     )
     g, o, r, d = cfg.graft, cfg.optim, cfg.run, cfg.data
     _require(g.a > 0 and g.a < 1, "graft.a", g.a, "must be in (0, 1) so alpha stays in (0, 1)")
@@ -414,6 +457,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         cfg.telemetry.max_message_bytes,
         "must be >= 1024",
     )
+    _validate_compress(cfg)
+    f = cfg.regularize
+    _require(f.force_decay >= 0 and math.isfinite(f.force_decay), "regularize.force_decay",
+             f.force_decay, "must be a number >= 0")  # fmt: skip
+    _require(f.force == "none" or f.force_decay > 0, "regularize.force_decay", f.force_decay,
+             f"must be > 0 with regularize.force = {f.force!r}")  # fmt: skip
     if world_size is not None:
         n = g.networks or world_size
         _require(
@@ -422,6 +471,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             g.networks,
             f"must divide the world size {world_size} (replicas = world size / networks)",
         )
+
+
+def _validate_compress(cfg: Config) -> None:
+    c = cfg.compress
+    if c.method == "none":
+        return
+    _require(bool(c.schedule) != bool(c.quality), "compress.schedule", c.schedule,
+             "give exactly one of compress.schedule (sparsities) and compress.quality")  # fmt: skip
+    _require(all(0 <= s < 1 for s in c.schedule), "compress.schedule", c.schedule,
+             "every sparsity must be in [0, 1)")  # fmt: skip
+    _require(all(q >= 0 and math.isfinite(q) for q in c.quality), "compress.quality", c.quality,
+             "every quality must be a number >= 0")  # fmt: skip
+    _require(c.round_epochs >= 1, "compress.round_epochs", c.round_epochs, "must be >= 1")
+    rounds = len(c.schedule or c.quality)
+    last = c.start_epoch + (rounds - 1) * c.round_epochs
+    _require(c.start_epoch >= 0 and last < cfg.run.epochs, "compress.start_epoch",
+             c.start_epoch, f"the last of {rounds} rounds (epoch {last}) must come before "
+             f"run.epochs = {cfg.run.epochs}")  # fmt: skip
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

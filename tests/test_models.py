@@ -34,7 +34,8 @@ def n_filters(model: nn.Module) -> int:
 
 
 def test_model_names() -> None:
-    assert set(MODEL_NAMES) == {*RESNETS, *LEAKY, "mobilenetv2", "vgg16_bn", "digits_cnn"}
+    assert set(MODEL_NAMES) == {*RESNETS, *LEAKY, "mobilenetv2", "vgg16_bn", "vgg16_li",
+                                "digits_cnn", "lenet300_100", "lenet5"}  # fmt: skip
     assert all(is_known_model(n) for n in MODEL_NAMES)
 
 
@@ -61,15 +62,21 @@ def test_filter_counts() -> None:
     assert n_filters(MobileNetV2(conv_shortcut=True)) == 17544
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+LAYERS = (nn.Conv2d, nn.Linear)
+
+# The LeNets are sized for 8x8 digits, as Han et al. size theirs for 28x28 MNIST.
+DIGITS_ONLY = {"lenet300_100", "lenet5"}
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in DIGITS_ONLY])
 def test_cifar_forward_shape(name: str) -> None:
     model = build_model(name, num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
-# vgg16_bn needs 32x32 inputs (five max pools); ResNet-110 already ran once above.
-SMALL_INPUT = [n for n in MODEL_NAMES if n != "vgg16_bn" and not n.startswith("resnet110")]
+# The VGGs need 32x32 inputs (five max pools); ResNet-110 already ran once above.
+SMALL_INPUT = [n for n in MODEL_NAMES if not n.startswith(("vgg16", "resnet110"))]
 
 
 @pytest.mark.parametrize("name", SMALL_INPUT)
@@ -81,8 +88,10 @@ def test_digits_forward_shape(name: str) -> None:
 
 def test_in_channels_sets_first_conv() -> None:
     for name in MODEL_NAMES:
-        first = next(m for m in build_model(name, 10, 5).modules() if isinstance(m, nn.Conv2d))
-        assert first.in_channels == 5, name
+        layers = (m for m in build_model(name, 10, 5).modules() if isinstance(m, LAYERS))
+        first = next(layers)
+        taken = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features // 64
+        assert taken == 5, name
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
@@ -105,7 +114,8 @@ def test_vgg_state_keys() -> None:
     assert n_filters(build_model("vgg16_bn", 10)) == 2 * 64 + 2 * 128 + 3 * 256 + 6 * 512
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+# Han et al.'s Caffe LeNet-5 has no BatchNorm, and neither has ours.
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "lenet5"])
 def test_each_conv_is_paired_with_the_next_batchnorm(name: str) -> None:
     model = build_model(name, 10)
     leaves = [m for _, m in model.named_modules() if not list(m.children())]

@@ -22,9 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Counts", "count", "layer_flops", "count_params", "paper_params", "latency_ms"]
+__all__ = [
+    "WEIGHTED",
+    "Counts",
+    "count",
+    "layer_flops",
+    "count_params",
+    "paper_params",
+    "latency_ms",
+]
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""The layers whose multiply-accumulates and weights count."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ def paper_params(model: nn.Module) -> int:
     """Weights and biases of conv and linear layers only."""
     total = 0
     for m in model.modules():
-        if isinstance(m, _WEIGHTED):
+        if isinstance(m, WEIGHTED):
             total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     return total
 
@@ -82,7 +91,7 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     flops: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, _WEIGHTED):
+        if isinstance(module, WEIGHTED):
 
             def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
                 flops[name] = flops.get(name, 0) + _macs(m, out)

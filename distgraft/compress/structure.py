@@ -207,12 +207,14 @@ def _classes() -> dict[type, str]:
     from torchvision.models.resnet import ResNet
 
     from distgraft.models.cifar_resnet import CifarResNet
+    from distgraft.models.lenet import LeNet5, LeNet300100
     from distgraft.models.mobilenetv2 import MobileNetV2
     from distgraft.models.small import DigitsCNN
     from distgraft.models.vgg import VGG
 
     return {CifarResNet: "CifarResNet", VGG: "VGG", MobileNetV2: "MobileNetV2",
-            DigitsCNN: "DigitsCNN", ResNet: "ResNet"}  # fmt: skip
+            DigitsCNN: "DigitsCNN", LeNet300100: "LeNet300100", LeNet5: "LeNet5",
+            ResNet: "ResNet"}  # fmt: skip
 
 
 _BUILDERS = {

@@ -8,6 +8,7 @@ Built-ins (see each module for its paper and source):
 * ``vgg16_bn`` -- CIFAR VGG-16 with BatchNorm, :mod:`.vgg`
 * ``vgg16_li`` -- the same with Li et al.'s 512-512 classifier (pruning presets), :mod:`.vgg`
 * ``digits_cnn`` -- small CNN for 8x8 digits, :mod:`.small`
+* ``lenet300_100``, ``lenet5`` -- Han et al.'s LeNets sized for 8x8 digits, :mod:`.lenet`
 
 ``torchvision:ARCH`` builds ``torchvision.models.get_model(ARCH, weights=None, ...)``:
 random init, never a download.
@@ -29,6 +30,7 @@ from distgraft.models.cifar_resnet import (
     resnet110,
     resnet110_leaky,
 )
+from distgraft.models.lenet import lenet5, lenet300_100
 from distgraft.models.mobilenetv2 import mobilenetv2
 from distgraft.models.small import digits_cnn
 from distgraft.models.vgg import vgg16_bn, vgg16_li
@@ -50,6 +52,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": vgg16_bn,
     "vgg16_li": vgg16_li,
     "digits_cnn": digits_cnn,
+    "lenet300_100": lenet300_100,
+    "lenet5": lenet5,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

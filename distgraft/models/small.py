@@ -2,10 +2,11 @@
 
 Not from the grafting paper: it exists so that a multi-process grafting run can be
 demonstrated and tested end to end on CPU in seconds, with the same conv+BatchNorm
-structure the grafting code sees in the paper's networks. It has 14,746 parameters (10
-classes) and reaches over 90% test accuracy on digits after about 100 SGD steps (two epochs
-at batch 32, lr 0.05, momentum 0.9; three at batch 128, lr 0.1) and about 99% after eight
-epochs. Global average pooling lets it run on any input of at least 2x2 pixels.
+structure the grafting code sees in the paper's networks. It has 14,458 parameters (10
+classes, one input channel) and reaches over 90% test accuracy on digits after about 100
+SGD steps (two epochs at batch 32, lr 0.05, momentum 0.9; three at batch 128, lr 0.1) and
+about 99% after eight epochs. Global average pooling lets it run on any input of at least
+2x2 pixels.
 """
 
 from __future__ import annotations

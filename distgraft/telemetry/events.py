@@ -67,6 +67,15 @@ SCHEMA: dict[str, dict[str, str]] = {
         "invalid_001": "int?",
     },
     "summary": {"networks": "[net]", "ensemble_acc": "float?", "run_dir": "str"},
+    "prune": {
+        "round": "int",
+        "rounds": "int",
+        "layers": "[str]",
+        "kept": "[int]",
+        "total": "[int]",
+        "compression": "float",
+        "dropout": "[float]",
+    },
     "trim": {
         "round": "int",
         "layers": "[str]",

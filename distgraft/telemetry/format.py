@@ -51,6 +51,13 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
         if ev.get("invalid_01") is not None:
             line += f" | invalid <0.1: {ev['invalid_01']} <0.01: {_num(ev['invalid_001'], 'd')}"
         return "\n".join([line] + [f"net {net} | warning: {w}" for w in ev["warnings"]])
+    if kind == "prune":
+        kept, total = sum(ev["kept"]), sum(ev["total"])
+        drop = f" | dropout {', '.join(f'{p:.3f}' for p in ev['dropout'])}" if ev["dropout"] else ""
+        return (
+            f"net {net} | prune {ev['round']}/{ev['rounds']} at epoch {ep} | kept {kept:,} of "
+            f"{total:,} weights ({ev['compression']:.1f}x fewer){drop}"
+        )
     if kind == "trim":
         return (
             f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
@@ -78,6 +85,11 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
             f"{row['invalid_01']:>11}  {row['invalid_001']:>12}"
         )
     lines.append(f"ensemble acc: {_num(ev['ensemble_acc'], '.2f', '%')}")
+    for row in sorted(ev["networks"], key=lambda r: r["network"]):
+        weights, nonzero = row.get("weights"), row.get("nonzero_weights")
+        if weights and nonzero is not None and nonzero < weights:
+            lines.append(f"network {row['network']}: {nonzero:,} of {weights:,} conv/linear "
+                         f"weights nonzero ({weights / max(nonzero, 1):.1f}x fewer)")  # fmt: skip
     return lines
 
 

@@ -12,7 +12,15 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from distgraft.config import Config, ConfigError, field_docs, load_config, to_toml, validate
+from distgraft.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    field_docs,
+    load_config,
+    to_toml,
+    validate,
+)
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not for `distgraft --help`
     from distgraft.comm.dist import DistInfo
@@ -54,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _defaults() -> dict[str, object]:
     cfg = Config()
     out = {}
-    for section in ("run", "model", "data", "optim", "graft", "telemetry", "dist"):
+    for section in SECTIONS:
         for key, value in vars(getattr(cfg, section)).items():
             out[f"{section}.{key}"] = value
     return out

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distgraft.comm.dist import DistInfo, all_reduce_, barrier
-from distgraft.compress.archive import base_arch
+from distgraft.compress.archive import base_arch, save_compressed
+from distgraft.compress.counting import WEIGHTED
+from distgraft.compress.magnitude import apply_dropout_edit, encode_sparse
 from distgraft.config import Config, to_toml
 from distgraft.graft.entropy import invalid_filters
 from distgraft.graft.math import graft_plan
@@ -32,6 +34,7 @@ from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.models import build_model
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
+from distgraft.train.sparsity import SparseTraining
 from distgraft.train.warmstart import load_init
 
 __all__ = ["Trainer", "Summary", "network_lr", "lr_factor", "evaluate"]
@@ -73,6 +76,9 @@ class Summary:
     final_acc: float
     invalid_01: int
     invalid_001: int
+    weights: int = 0
+    """Conv and linear weights (the connections magnitude pruning counts)."""
+    nonzero_weights: int = 0
 
 
 class Trainer:
@@ -92,6 +98,7 @@ class Trainer:
         self.net = self._wrap(self.model)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
+        self.sparse = SparseTraining(cfg.compress, self.model, self._init_masks)
         # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
         self.best_acc = 0.0
@@ -104,8 +111,11 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         """The network, from model.init when given; ``self.arch`` records how to rebuild it."""
         cfg, d = self.cfg, self.data_info
+        self._init_masks = None
         if cfg.model.init:
-            model, self.arch = load_init(cfg, self.info.network, d.num_classes, d.in_channels)
+            model, self.arch, self._init_masks = load_init(
+                cfg, self.info.network, d.num_classes, d.in_channels
+            )
         else:
             model = build_model(cfg.model.name, d.num_classes, d.in_channels)
             self.arch = base_arch(cfg.model.name, d.num_classes, d.in_channels, d.input_shape)
@@ -159,6 +169,7 @@ class Trainer:
         if not self._resumed:
             self.resume()
         for epoch in range(self.start_epoch, self.cfg.run.epochs):
+            self.prune(epoch)
             stats = self.train_epoch(epoch)
             record = self.graft(epoch)
             if record is not None:
@@ -171,6 +182,7 @@ class Trainer:
             self._emit("epoch", epoch, **stats)
             self.save(epoch, stats.get("test_acc"))
             barrier(self.info, self.cfg.dist.timeout_s, f"the end of epoch {epoch}")
+        self.save_sparse()
         return self.summary()
 
     def _evaluate_now(self, epoch: int) -> bool:
@@ -219,7 +231,9 @@ class Trainer:
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.sparse.after_backward(self.model)
         self.optimizer.step()
+        self.sparse.after_update(self.model)
         self.scheduler.step()
         return loss, logits
 
@@ -235,7 +249,23 @@ class Trainer:
         """Graft after this epoch's training when the schedule says so."""
         if self.grafter is None or (epoch + 1) % self.cfg.graft.every:
             return None
-        return self.grafter.step(epoch)
+        record = self.grafter.step(epoch)
+        self.sparse.after_update(self.model)  # each network keeps its own mask
+        return record
+
+    def prune(self, epoch: int) -> None:
+        """A magnitude pruning round, when one starts at this epoch."""
+        fields = self.sparse.prune(epoch, self.model, self.optimizer)
+        if fields is not None:
+            self._set_dropout_edits(self.sparse.dropout_edits)
+            self._emit("prune", epoch, **fields)
+
+    def _set_dropout_edits(self, edits: list[dict]) -> None:
+        """Record rescaled dropout rates in the arch (the latest per module)."""
+        changed = {e["module"] for e in edits}
+        kept = [e for e in self.arch["edits"]
+                if not (e["op"] == "dropout" and e["module"] in changed)]  # fmt: skip
+        self.arch = {**self.arch, "edits": kept + edits}
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict:
@@ -251,6 +281,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "config": to_toml(self.cfg),
             "arch": self.arch,
+            "masks": self.sparse.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,6 +291,11 @@ class Trainer:
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
         checkpoint.set_rng_state(state["rng"])
         self.start_epoch = state["epoch"] + 1
+        self.arch = state.get("arch", self.arch)
+        for edit in self.arch["edits"]:
+            if edit["op"] == "dropout":
+                apply_dropout_edit(self.model, edit)
+        self.sparse.load_state_dict(state.get("masks"), self.model)
 
     def save(self, epoch: int, test_acc: float | None) -> None:
         if not self.lead:
@@ -268,6 +304,17 @@ class Trainer:
         checkpoint.save_epoch(state, self.net_dir)
         if test_acc is not None and test_acc >= self.best_acc:
             checkpoint.save_atomic(state, self.net_dir / "best.pt")
+
+    def save_sparse(self) -> None:
+        """With masks: the final network as a sparse checkpoint (net{k}/sparse.pt)."""
+        if not self.lead or not self.sparse.active:
+            return
+        masks = self.sparse.masks
+        report = {"compression": masks.compression(), "final_acc": self.last_acc,
+                  "layers": {c.name: [c.kept, c.total] for c in masks.counts()}}  # fmt: skip
+        save_compressed(self.net_dir / "sparse.pt", None, self.arch, kind="sparse",
+                        config=to_toml(self.cfg), report=report, source=str(self.net_dir),
+                        sparse=encode_sparse(self.model.state_dict(), masks))  # fmt: skip
 
     def resume(self) -> None:
         """Continue from the latest epoch that every network completed, if any."""
@@ -287,7 +334,11 @@ class Trainer:
         state = self.model.state_dict()
         convs = [state[layer.weight] for layer in plan.layers if layer.conv]
         inv01, inv001 = invalid_filters(convs, (0.1, 0.01))
-        return Summary(self.info.network, self.best_acc, self.last_acc, inv01, inv001)
+        weights = [m.weight for m in self.model.modules() if isinstance(m, WEIGHTED)]
+        total = sum(w.numel() for w in weights)
+        nonzero = int(sum(int(w.count_nonzero()) for w in weights))
+        return Summary(self.info.network, self.best_acc, self.last_acc, inv01, inv001,
+                       total, nonzero)  # fmt: skip
 
     def ensemble_accuracy(self) -> float | None:
         """Accuracy of the mean of all networks' test logits (every rank must call this)."""

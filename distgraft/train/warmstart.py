@@ -25,6 +25,7 @@ from distgraft.compress.archive import (
     read_checkpoint,
     weights_of,
 )
+from distgraft.compress.magnitude import Masks, masks_of_sparse
 from distgraft.config import Config, ConfigError
 
 __all__ = ["init_path", "check_init", "load_init"]
@@ -58,9 +59,13 @@ def check_init(cfg: Config, networks: int) -> None:
 
 
 def load_init(cfg: Config, network: int, num_classes: int, in_channels: int) -> tuple[
-    nn.Module, dict[str, Any]
+    nn.Module, dict[str, Any], Masks | None
 ]:
-    """(model with the checkpoint's weights, its arch record) for network ``network``."""
+    """(model with the checkpoint's weights, its arch record, its pruning masks or None).
+
+    A magnitude-pruned checkpoint (sparse, or a training checkpoint with masks) passes its
+    masks on: retraining holds the pruned weights at zero, as Han et al. retrain.
+    """
     path = init_path(cfg, network)
     state, arch = _arch(path)
     if (arch["num_classes"], arch["in_channels"]) != (num_classes, in_channels):
@@ -71,4 +76,12 @@ def load_init(cfg: Config, network: int, num_classes: int, in_channels: int) -> 
         )
     model = build(arch)
     model.load_state_dict(weights_of(state), strict=True)
-    return model, arch
+    return model, arch, _masks(state)
+
+
+def _masks(state: dict[str, Any]) -> Masks | None:
+    if state.get("masks"):
+        return Masks(state["masks"])
+    if "sparse" in state:
+        return masks_of_sparse(state["sparse"])
+    return None
