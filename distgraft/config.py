@@ -174,6 +174,9 @@ class CompressConfig:
     """Epoch at whose start the first round prunes (0: the starting weights, e.g. model.init)."""
     round_epochs: int = 1
     """Epochs of retraining after a round before the next one prunes more."""
+    scope: str = "layer"
+    """layer: every layer pruned to the target by its own threshold (Han et al.); global: one
+    threshold over all pruned weights, so large redundant layers give up more."""
     layers: str = "conv+linear"
     """Weights magnitude pruning touches: conv | linear | conv+linear (biases never)."""
     skip_first: bool = True
@@ -238,6 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "compress.method": ("none", "magnitude"),
     "compress.layers": ("conv", "linear", "conv+linear"),
+    "compress.scope": ("layer", "global"),
     "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
     "regularize.force_layers": ("conv", "conv+linear"),
 }

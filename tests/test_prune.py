@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import subprocess
 import sys
@@ -25,9 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
+from compress_helpers import CIFAR, DIGITS, compress, compress_here, plain, write_checkpoint
 from torch import nn
 
-from distgraft.cli import main
 from distgraft.compress.archive import base_arch, load_model
 from distgraft.compress.counting import count
 from distgraft.compress.criteria import apoz
@@ -48,13 +46,8 @@ from distgraft.compress.structure import (
     mask_,
     remove,
 )
-from distgraft.config import Config, to_toml, with_overrides
-from distgraft.files import save_atomic
 from distgraft.models import build_model
 from distgraft.tools.compress_cli import printed
-
-CIFAR = (3, 32, 32)
-DIGITS = (1, 8, 8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -330,26 +323,6 @@ def test_unsupported_family_is_named() -> None:
 # -- checkpoints -----------------------------------------------------------------------------
 
 
-def write_checkpoint(path: Path, name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """A checkpoint as ``distgraft train`` writes it (weights, config, arch), of a random net."""
-    torch.manual_seed(seed)
-    model = build_model(name, 10, shape[0])
-    data = "digits" if shape == DIGITS else "cifar10"
-    cfg = with_overrides(Config(), model={"name": name}, data={"name": data})
-    save_atomic({"model": model.state_dict(), "config": to_toml(cfg), "epoch": 0,
-                 "arch": base_arch(name, 10, shape[0], shape)}, path)  # fmt: skip
-    return model
-
-
-def plain(value) -> bool:
-    """Only tensors and plain containers: what weights_only loading may contain."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and plain(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return all(plain(v) for v in value)
-    return value is None or isinstance(value, torch.Tensor | int | float | str | bool)
-
-
 def test_pruned_checkpoint_round_trip(tmp_path: Path) -> None:
     model = trained_like("resnet20", CIFAR).float()
     groups = groups_of(model, CIFAR)
@@ -369,19 +342,6 @@ def test_pruned_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-def compress(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``distgraft compress ARGS`` in a fresh process, as a user runs it."""
-    return run([sys.executable, "-m", "distgraft", "compress", *args], timeout=timeout)
-
-
-def compress_here(*args: str) -> subprocess.CompletedProcess:
-    """The same command line in this process (no interpreter start): exit code and output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["compress", *args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_prune_json_and_fine_tune_shapes(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from distgraft.compress.counting import WEIGHTED
+from distgraft.compress.names import MAGNITUDE_LAYERS
 from distgraft.compress.structure import Group, activation, remove
 
 __all__ = [
@@ -49,9 +50,12 @@ __all__ = [
     "decode_sparse",
     "masks_of_sparse",
     "SPARSE_FORMAT",
+    "SCOPES",
 ]
 
 SPARSE_FORMAT = 1
+SCOPES = ("layer", "global")
+"""Where a threshold applies: per layer (Han et al.) or one over all pruned layers."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def prunable_weights(
     """
     kinds = {"conv": WEIGHTED[:3], "linear": (nn.Linear,), "conv+linear": WEIGHTED}
     if layers not in kinds:
-        raise ValueError(f"layers = {layers!r}: allowed conv, linear, conv+linear")
+        raise ValueError(f"layers = {layers!r}: allowed {', '.join(MAGNITUDE_LAYERS)}")
     names = [n for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
     unknown = [s for s in skip if s.removesuffix(".weight") not in names]
     if unknown:
@@ -170,8 +174,13 @@ def prune_masks(
     quality: float | None = None,
     sparsity: float | None = None,
     previous: Masks | None = None,
+    scope: str = "layer",
 ) -> Masks:
     """Masks after one pruning round: below the threshold, or the smallest ``sparsity``.
+
+    ``scope = "layer"`` (Han et al.) gives every layer its own threshold; ``"global"`` one
+    threshold over all the pruned weights (quality x their pooled std, or the overall
+    sparsity), so large redundant layers lose more than small sensitive ones.
 
     Exactly one of ``quality`` (threshold = quality x std of the layer's weights) and
     ``sparsity`` (fraction of each layer's weights removed, in [0, 1)). With ``previous``
@@ -184,17 +193,41 @@ def prune_masks(
         raise ValueError(f"sparsity {sparsity:g} is outside [0, 1)")
     if quality is not None and not (quality >= 0 and math.isfinite(quality)):
         raise ValueError(f"quality {quality:g} must be a finite number >= 0")
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r}: allowed {', '.join(SCOPES)}")
     state = model.state_dict()
-    masks = {}
+    weights = {}
     for key in keys:
         weight = state[key]
         if previous is not None and key in previous:
             weight = weight.masked_fill(~previous.masks[key].to(weight.device), 0.0)
+        weights[key] = weight
+    if scope == "global":
+        return Masks(_global_masks(weights, quality, sparsity, previous))
+    masks = {}
+    for key, weight in weights.items():
         mask = _threshold_mask(weight, quality, sparsity)
         if previous is not None and key in previous:
             mask &= previous.masks[key].to(mask.device)
         masks[key] = mask
     return Masks(masks)
+
+
+def _global_masks(
+    weights: Mapping[str, Tensor], quality: float | None, sparsity: float | None,
+    previous: Masks | None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """One threshold over all layers: the layers with many small weights give up more."""
+    flat = torch.cat([w.detach().flatten().float().cpu() for w in weights.values()])
+    keep = _threshold_mask(flat, quality, sparsity)
+    masks, start = {}, 0
+    for key, w in weights.items():
+        mask = keep[start : start + w.numel()].reshape(w.shape).to(w.device)
+        start += w.numel()
+        if previous is not None and key in previous:
+            mask &= previous.masks[key].to(mask.device)
+        masks[key] = mask
+    return masks
 
 
 # -- dropout ------------------------------------------------------------------------------
@@ -286,7 +319,7 @@ def find_dead(model: nn.Module, masks: Masks, groups: Sequence[Group]) -> dict[s
 def _constant(model: nn.Module, group: Group, unit: int) -> float:
     """What a unit without inputs outputs: act(bias)."""
     bias = dict(model.named_modules())[group.name].bias
-    value = torch.tensor(0.0 if bias is None else float(bias.detach()[unit]))
+    value = torch.tensor(0.0 if bias is None else float(bias.detach()[unit]), dtype=torch.float64)
     return float(activation(group, value))
 
 

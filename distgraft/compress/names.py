@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["WEIGHT_CRITERIA", "CRITERIA", "STRATEGIES", "Preset", "PRESETS"]
+__all__ = [
+    "WEIGHT_CRITERIA",
+    "CRITERIA",
+    "STRATEGIES",
+    "MAGNITUDE_LAYERS",
+    "Preset",
+    "PRESETS",
+]
 
 WEIGHT_CRITERIA = ("l1", "l2", "entropy", "invalid")
 """Criteria computed from the weights alone."""
@@ -16,6 +23,8 @@ CRITERIA = (*WEIGHT_CRITERIA, "apoz")
 """Every pruning criterion; apoz needs held-out data."""
 STRATEGIES = ("independent", "greedy")
 """How consecutive pruned layers are scored (Li et al. section 3.2)."""
+MAGNITUDE_LAYERS = ("conv", "linear", "conv+linear")
+"""The weights magnitude pruning may touch (biases never)."""
 
 
 @dataclass(frozen=True)

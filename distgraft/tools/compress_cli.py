@@ -478,7 +478,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cmds = p.add_subparsers(dest="compress_command", metavar="COMMAND", required=True)
     _add_prune(cmds)
-    for module in ("distgraft.tools.sensitivity", "distgraft.tools.trim"):
+    tools = ("sensitivity", "trim", "magnitude", "lowrank")
+    for module in (f"distgraft.tools.{name}" for name in tools):
         __import__(module, fromlist=["register"]).register(cmds)
     _add_presets(cmds)
     _add_info(cmds)

@@ -56,7 +56,7 @@ class SparseTraining:
         c = self.cfg
         keys = prunable_weights(model, c.layers, c.skip_first, c.skip)
         target = {"sparsity": c.schedule[r]} if c.schedule else {"quality": c.quality[r]}
-        self.masks = prune_masks(model, keys, previous=self.masks, **target)
+        self.masks = prune_masks(model, keys, previous=self.masks, scope=c.scope, **target)
         self.masks.apply_(model)
         self.masks.mask_optimizer_(model, optimizer)
         if c.rescale_dropout:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from distgraft.comm.dist import DistInfo, all_reduce_, barrier
 from distgraft.compress.archive import base_arch, save_compressed
 from distgraft.compress.counting import WEIGHTED
+from distgraft.compress.force import add_force_to_grads_, force_layers
 from distgraft.compress.magnitude import apply_dropout_edit, encode_sparse
 from distgraft.config import Config, to_toml
 from distgraft.graft.entropy import invalid_filters
@@ -99,6 +100,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.sparse = SparseTraining(cfg.compress, self.model, self._init_masks)
+        self.force_weights = self._force_weights()
         # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
         self.best_acc = 0.0
@@ -231,6 +233,7 @@ class Trainer:
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._force()
         self.sparse.after_backward(self.model)
         self.optimizer.step()
         self.sparse.after_update(self.model)
@@ -244,6 +247,19 @@ class Trainer:
     def evaluate(self) -> tuple[float, float, Tensor]:
         """(loss, accuracy %, logits of the whole test set) of this network."""
         return evaluate(self.net, self.test_loader, self._autocast)
+
+    def _force_weights(self) -> list[nn.Parameter]:
+        r = self.cfg.regularize
+        if r.force == "none":
+            return []
+        return [p for _, p in force_layers(self.model, r.force_layers)]
+
+    def _force(self) -> None:
+        """Force Regularization (Wen et al. 2017): the filters of each layer attract each
+        other. Added after DDP averaged the gradients: every replica adds the same force."""
+        if self.force_weights:
+            r = self.cfg.regularize
+            add_force_to_grads_(self.force_weights, r.force_decay, r.force)
 
     def graft(self, epoch: int) -> GraftRecord | None:
         """Graft after this epoch's training when the schedule says so."""

@@ -1,0 +1,58 @@
+"""Compression tests' shared parts: checkpoints as ``distgraft train`` writes them, and the
+``distgraft compress`` command line in a fresh process or in this one."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from cli_helpers import run
+from torch import nn
+
+from distgraft.cli import main
+from distgraft.compress.archive import base_arch
+from distgraft.config import Config, to_toml, with_overrides
+from distgraft.files import save_atomic
+from distgraft.models import build_model
+
+__all__ = ["CIFAR", "DIGITS", "write_checkpoint", "plain", "compress", "compress_here"]
+
+CIFAR = (3, 32, 32)
+DIGITS = (1, 8, 8)
+
+
+def write_checkpoint(path: Path, name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    """A checkpoint as ``distgraft train`` writes it (weights, config, arch), of a random net."""
+    torch.manual_seed(seed)
+    model = build_model(name, 10, shape[0])
+    data = "digits" if shape == DIGITS else "cifar10"
+    cfg = with_overrides(Config(), model={"name": name}, data={"name": data})
+    save_atomic({"model": model.state_dict(), "config": to_toml(cfg), "epoch": 0,
+                 "arch": base_arch(name, 10, shape[0], shape)}, path)  # fmt: skip
+    return model
+
+
+def plain(value) -> bool:
+    """Only tensors and plain containers: what weights_only loading may contain."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(plain(v) for v in value)
+    return value is None or isinstance(value, torch.Tensor | int | float | str | bool)
+
+
+def compress(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``distgraft compress ARGS`` in a fresh process, as a user runs it."""
+    return run([sys.executable, "-m", "distgraft", "compress", *args], timeout=timeout)
+
+
+def compress_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command line in this process (no interpreter start): exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compress", *args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
