@@ -33,6 +33,8 @@ bench: $(VENV)/.stamp
 	$(PY) bench/exchange.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/scaling.py
+	$(PY) bench/regularize.py
+	$(PY) bench/compress.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
