@@ -37,6 +37,13 @@ MAX_RESTARTS="${MAX_RESTARTS:-3}"
 RUNS_DIR="${RUNS_DIR:-/runs}"
 PYTHON="${PYTHON:-python3}"
 
+# Each rendezvous round, let rank 0's worker host a fresh store for the workers,
+# instead of sharing the rank-0 agent's store: a non-rank-0 agent reads that
+# shared store's address once and never again, so after the rank-0 agent is
+# replaced (a crashed node relaunched) its workers keep dialling a dead port
+# and the job hangs (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 # Environment variables are the only knobs `docker compose up` can pass, hence
 # TRAIN_ARGS; `read -a` splits it on whitespace without glob expansion.
 train_args=()

@@ -27,6 +27,11 @@
 #                  anything else on the others. Set it when HOST is an alias (DNS
 #                  name, load balancer, container service) that the hostname/IP
 #                  match cannot recognise as the local machine.
+#   LOCAL_ADDR     optional. The address the other nodes reach this node at
+#                  (torchrun --local-addr): the rank-0 node's workers host the
+#                  workers' store there, and nodes take ranks in the order of
+#                  these addresses. Set it when the hostname resolves to an
+#                  address the other nodes cannot reach [the FQDN]
 #   PYTHON         interpreter that has torch and distgraft installed [python3]
 #
 # `launch/multinode.sh --help` (or -h) prints this text.
@@ -55,6 +60,13 @@ RDZV_ID="${RDZV_ID:-distgraft}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 PYTHON="${PYTHON:-python3}"
 
+# Each rendezvous round, let rank 0's worker host a fresh store for the workers,
+# instead of sharing the rank-0 agent's store: a non-rank-0 agent reads that
+# shared store's address once and never again, so after the rank-0 agent is
+# replaced (a crashed node relaunched) its workers keep dialling a dead port
+# and the job hangs (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 extra=()
 if [[ -n "${NODE_RANK:-}" ]]; then
     if [[ "$NODE_RANK" == "0" ]]; then
@@ -62,6 +74,9 @@ if [[ -n "${NODE_RANK:-}" ]]; then
     else
         extra=(--rdzv-conf is_host=false)
     fi
+fi
+if [[ -n "${LOCAL_ADDR:-}" ]]; then
+    extra+=(--local-addr "$LOCAL_ADDR")
 fi
 
 # `python -m torch.distributed.run` is torchrun; it works without torchrun on PATH.

@@ -14,6 +14,7 @@ Every process writes to a log in ``tmp_path``; a failing assertion shows the log
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -72,6 +73,8 @@ class _Procs:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.dead: list[subprocess.Popen] = []  # replaced by relaunch(): stopped, not awaited
+        self.envs: dict[int, dict[str, str]] = {}  # pid -> environment it was started with
 
     def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         with log.open("w") as f:
@@ -80,7 +83,17 @@ class _Procs:
                 start_new_session=True,
             )  # fmt: skip
         self.procs.append(p)
+        self.envs[p.pid] = env
         return p
+
+    def relaunch(self, index: int, log: Path) -> subprocess.Popen:
+        """Start process ``index``'s command again, in its place (a node restarted by hand)."""
+        old = self.procs.pop(index)
+        old.wait(timeout=30)
+        self.dead.append(old)
+        new = self.start(list(old.args), log, self.envs[old.pid])
+        self.procs.insert(index, self.procs.pop())
+        return new
 
     def wait_all(self, timeout: float, grace: float = 10.0) -> list[int | None]:
         """Wait for every process; once one fails, give the others ``grace`` seconds."""
@@ -96,7 +109,7 @@ class _Procs:
 
     def stop(self) -> None:
         # The whole session: also workers or tasks left behind by an agent that exited.
-        for p in self.procs:
+        for p in self.procs + self.dead:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
@@ -128,8 +141,15 @@ def _assert_grafted(run: Path, epochs: int, logs: str) -> list[dict]:
 # ---------------------------------------------------------------- multinode.sh, 2 nodes
 
 
-def _multinode(procs: _Procs, tmp_path: Path, args: list[str], **knobs: str) -> list[Path]:
-    """Two launch/multinode.sh on 127.0.0.1, one worker each: a 2-node, 2-network job."""
+def _multinode(
+    procs: _Procs,
+    tmp_path: Path,
+    args: list[str],
+    per_node: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+    **knobs: str,
+) -> list[Path]:
+    """Two launch/multinode.sh on 127.0.0.1, one worker each: a 2-node, 2-network job;
+    ``per_node`` holds each node's own knobs (NODE_RANK, LOCAL_ADDR)."""
     env = _env(
         RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
         NNODES="2",
@@ -138,8 +158,8 @@ def _multinode(procs: _Procs, tmp_path: Path, args: list[str], **knobs: str) -> 
         **knobs,
     )
     logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
-    for log in logs:  # the same command on every "node", as the script asks
-        procs.start(["bash", str(LAUNCH / "multinode.sh"), *args], log, env)
+    for log, own in zip(logs, per_node, strict=True):  # the same command on each "node"
+        procs.start(["bash", str(LAUNCH / "multinode.sh"), *args], log, {**env, **own})
     return logs
 
 
@@ -361,6 +381,18 @@ def _worker_of_rank(agents: list[int], rank: int) -> tuple[int, int] | None:
     return None
 
 
+def _await_epoch(procs: _Procs, run: Path, epoch: int, logs: list[Path]) -> None:
+    """Wait until both networks have finished ``epoch`` (an epoch event each)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs.procs), _tails(*logs)
+        done = {e["network"] for e in _events(run) if e["event"] == "epoch" and e["epoch"] >= epoch}
+        if done == {0, 1}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"epoch {epoch} not finished in time\n" + _tails(*logs))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_elastic_restart_after_sigkill_resumes(procs, tmp_path: Path) -> None:
@@ -369,12 +401,7 @@ def test_elastic_restart_after_sigkill_resumes(procs, tmp_path: Path) -> None:
     args = _train_args(tmp_path, "elastic", epochs, "--dist.timeout_s=30")
     logs = _multinode(procs, tmp_path, args, MAX_RESTARTS="1")
     agents = [p.pid for p in procs.procs]  # multinode.sh execs torchrun: same pid
-    first = tmp_path / "elastic" / "net1" / "last.pt"
-    deadline = time.monotonic() + 90
-    while not first.exists() and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs.procs), _tails(*logs)
-        time.sleep(0.02)
-    assert first.exists(), "no epoch finished in time\n" + _tails(*logs)
+    _await_epoch(procs, tmp_path / "elastic", 1, logs)
     victim = _worker_of_rank(agents, 1)
     assert victim is not None, "worker of rank 1 not found\n" + _tails(*logs)
     os.kill(victim[1], signal.SIGKILL)
@@ -385,4 +412,60 @@ def test_elastic_restart_after_sigkill_resumes(procs, tmp_path: Path) -> None:
     evs = _assert_grafted(tmp_path / "elastic", epochs, tails)
     starts = [e for e in evs if e["event"] == "start"]
     assert len(starts) == 2, f"{len(starts)} start events\n{tails}"
-    assert starts[1]["epoch"] >= 1, f"the restart did not resume: {starts[1]}\n{tails}"
+    assert starts[1]["epoch"] >= 2, f"the restart did not resume: {starts[1]}\n{tails}"
+    # Network 0's worker failed with its peer, in the epoch it was in (or its closing barrier).
+    (err,) = [e for e in evs if e["event"] == "error"]
+    done = max(e["epoch"] for e in evs[: evs.index(err)] if e["event"] == "epoch" and
+               e["network"] == err["network"])  # fmt: skip
+    assert err["epoch"] in (done, done + 1), f"error event at epoch {err['epoch']}\n{tails}"
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (torchrun starts workers in sessions of their own)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_multinode_sh_survives_relaunched_rank0_node(procs, tmp_path: Path) -> None:
+    """A node crash: the rank-0 agent and its workers die by SIGKILL, and the node is started
+    again with the same command and RDZV_ID. The run goes on: both agents end with exit 0 and
+    each network trains every epoch exactly once.
+
+    Nodes take ranks in the order of their addresses, so node0 (127.0.0.1) is rank 0 before
+    and after its relaunch, while node1 (127.0.0.2) hosts the rendezvous: the case where
+    torchrun's shared agent store left node1's workers dialling the dead node0's port."""
+    epochs = 8
+    args = _train_args(tmp_path, "relaunch", epochs, "--dist.timeout_s=30")
+    nodes = ({"LOCAL_ADDR": "127.0.0.1", "NODE_RANK": "1"},
+             {"LOCAL_ADDR": "127.0.0.2", "NODE_RANK": "0"})  # fmt: skip
+    logs = _multinode(procs, tmp_path, args, nodes, MAX_RESTARTS="3")
+    _await_epoch(procs, tmp_path / "relaunch", 1, logs)
+    agents = [p.pid for p in procs.procs]  # multinode.sh execs torchrun: same pid
+    found = _worker_of_rank(agents, 0)
+    assert found is not None and found[0] == 0, f"rank 0 not on node0: {found}\n" + _tails(*logs)
+    for pid in _tree(agents[0]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    relaunched = tmp_path / "node0.relaunched.log"
+    agent = procs.relaunch(0, relaunched).pid
+    deadline = time.monotonic() + 60  # rank 0 again: the case the store fix is about
+    while _worker_of_rank([agent], 0) is None and time.monotonic() < deadline:
+        assert procs.procs[0].poll() is None, _tails(*logs, relaunched)
+        time.sleep(0.05)
+    assert _worker_of_rank([agent], 0), "relaunched node0 is not rank 0\n" + _tails(relaunched)
+
+    codes = procs.wait_all(timeout=220)
+    tails = "(killed node0, the rank-0 agent, and relaunched it)\n" + _tails(*logs, relaunched)
+    assert codes == [0, 0], f"exit codes {codes}\n{tails}"
+    evs = _assert_grafted(tmp_path / "relaunch", epochs, tails)
+    done = collections.Counter((e["network"], e["epoch"]) for e in evs if e["event"] == "epoch")
+    twice = {k: n for k, n in done.items() if n != 1}
+    assert not twice, f"epochs trained more than once (network, epoch): {twice}\n{tails}"
+    starts = [e for e in evs if e["event"] == "start"]
+    assert len(starts) >= 2 and starts[-1]["epoch"] >= 1, f"no resume: {starts}\n{tails}"

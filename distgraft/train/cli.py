@@ -25,7 +25,7 @@ from distgraft.config import (
 if TYPE_CHECKING:  # torch is imported when a run starts, not for `distgraft --help`
     from distgraft.comm.dist import DistInfo
     from distgraft.telemetry import Collector, Telemetry
-    from distgraft.train.trainer import Summary
+    from distgraft.train.trainer import Summary, Trainer
 
 EXAMPLES = """\
 examples:
@@ -112,10 +112,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s) as info:
         telemetry, collector = open_telemetry(cfg, info)
+        trainer = None
         try:
-            train(cfg, info, telemetry)
+            trainer = start(cfg, info, telemetry)
+            train(cfg, info, telemetry, trainer)
         except BaseException as e:
-            telemetry.emit("error", info.network, 0, message=f"rank {info.rank}: {e}")
+            epoch = trainer.epoch if trainer is not None else 0
+            telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
             raise
         finally:
             telemetry.close()
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
+def start(cfg: Config, info: DistInfo, telemetry: Telemetry) -> Trainer:
+    """The run folder, the trainer resumed from the last common epoch, the start event."""
     from distgraft.train.trainer import Trainer, write_run_files
 
     if info.is_main:
@@ -142,6 +146,15 @@ def train(cfg: Config, info: DistInfo, telemetry: Telemetry) -> list[Summary]:
             run_dir=str(cfg.run_dir),
             config=to_toml(cfg),
         )
+    return trainer
+
+
+def train(
+    cfg: Config, info: DistInfo, telemetry: Telemetry, trainer: Trainer | None = None
+) -> list[Summary]:
+    """Train every epoch left, then gather the summaries (and print the table on rank 0)."""
+    if trainer is None:
+        trainer = start(cfg, info, telemetry)
     trainer.fit()
     ensemble = trainer.ensemble_accuracy() if info.networks > 1 else None
     summaries = _gather(trainer.summary(), info, cfg.dist.timeout_s)

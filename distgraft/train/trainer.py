@@ -103,6 +103,7 @@ class Trainer:
         self.force_weights = self._force_weights()
         # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
+        self.epoch = 0  # the epoch in progress: what an error event reports
         self.best_acc = 0.0
         self.last_acc = 0.0
         self._resumed = False
@@ -171,6 +172,7 @@ class Trainer:
         if not self._resumed:
             self.resume()
         for epoch in range(self.start_epoch, self.cfg.run.epochs):
+            self.epoch = epoch
             self.prune(epoch)
             stats = self.train_epoch(epoch)
             record = self.graft(epoch)
@@ -306,7 +308,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
         checkpoint.set_rng_state(state["rng"])
-        self.start_epoch = state["epoch"] + 1
+        self.start_epoch = self.epoch = state["epoch"] + 1
         self.arch = state.get("arch", self.arch)
         for edit in self.arch["edits"]:
             if edit["op"] == "dropout":
