@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 NPROC  ?= 2
 
-.PHONY: help test lint demo bench clean
+.PHONY: help test test-cluster lint demo bench clean
 
 help:
 	@echo "make demo   train 2 networks on the bundled digits data with torchrun (offline)"
 	@echo "make test   ruff + the test suite (CPU, real processes)"
+	@echo "make test-cluster  the docker-compose cluster end to end (Docker; root installs it)"
 	@echo "make bench  the benchmarks in bench/ (JSON lines)"
 
 # Re-install when pyproject.toml is newer than the venv's stamp.
@@ -23,6 +24,10 @@ lint: $(VENV)/.stamp
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# A real 2-node compose cluster: build, demo, kill -9 of agents mid-run (docker/cluster_test.py).
+test-cluster: $(VENV)/.stamp
+	$(PY) docker/cluster_test.py
 
 demo: $(VENV)/.stamp
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) \

@@ -17,6 +17,8 @@
 #   RDZV_ID       rendezvous id shared by one job's containers [distgraft]
 #   MAX_RESTARTS  times the workers are restarted after a failure [3]
 #   RUNS_DIR      run.dir, the shared volume [/runs]
+#   TELEMETRY_ADDRESS  telemetry.address, where rank 0's collector listens;
+#                 tcp://*:0 lets other containers reach it [the config's]
 #   TRAIN_ARGS    extra `distgraft train` arguments, split on whitespace, e.g.
 #                 "--run.name=demo --run.epochs=3" [none]
 #   PYTHON        interpreter [python3]
@@ -47,8 +49,12 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # Environment variables are the only knobs `docker compose up` can pass, hence
 # TRAIN_ARGS; `read -a` splits it on whitespace without glob expansion.
 train_args=()
+if [[ -n "${TELEMETRY_ADDRESS:-}" ]]; then
+    train_args+=("--telemetry.address=$TELEMETRY_ADDRESS")
+fi
 if [[ -n "${TRAIN_ARGS:-}" ]]; then
-    read -r -a train_args <<<"$TRAIN_ARGS"
+    read -r -a more <<<"$TRAIN_ARGS"
+    train_args+=(${more[@]+"${more[@]}"})
 fi
 
 echo "distgraft node $(hostname): $NODES nodes x $NPROC workers," \
