@@ -183,6 +183,10 @@ class CompressConfig:
     """Leave the first conv alone (Han et al. find it the most sensitive layer)."""
     skip: tuple[str, ...] = ()
     """Layers never pruned (module names, e.g. [fc3])."""
+    layer_sparsity: tuple[str, ...] = ()
+    """magnitude with schedule: a final sparsity of its own for some layers, e.g.
+    ["fc1=0.85", "fc2=0.95"]; their rounds follow the schedule scaled by final / last entry
+    (Han et al. prune each layer to its own rate: the big redundant ones further)."""
     rescale_dropout: bool = True
     """After each round set every dropout to D_o * sqrt(C_r / C_o) (Han et al. 3.1)."""
 
@@ -488,11 +492,47 @@ def _validate_compress(cfg: Config) -> None:
     _require(all(q >= 0 and math.isfinite(q) for q in c.quality), "compress.quality", c.quality,
              "every quality must be a number >= 0")  # fmt: skip
     _require(c.round_epochs >= 1, "compress.round_epochs", c.round_epochs, "must be >= 1")
+    _validate_layer_sparsity(c)
     rounds = len(c.schedule or c.quality)
     last = c.start_epoch + (rounds - 1) * c.round_epochs
     _require(c.start_epoch >= 0 and last < cfg.run.epochs, "compress.start_epoch",
              c.start_epoch, f"the last of {rounds} rounds (epoch {last}) must come before "
              f"run.epochs = {cfg.run.epochs}")  # fmt: skip
+
+
+def layer_sparsity(c: CompressConfig) -> dict[str, float]:
+    """compress.layer_sparsity as {layer: final sparsity} (ValueError on a malformed entry)."""
+    out = {}
+    for item in c.layer_sparsity:
+        name, sep, value = str(item).partition("=")
+        name = name.strip().removesuffix(".weight")
+        try:
+            sparsity = float(value)
+        except ValueError:
+            sparsity = math.nan
+        if not (sep and name and 0 <= sparsity < 1):
+            raise ValueError(f"{item!r} is not LAYER=SPARSITY with a sparsity in [0, 1)")
+        out[name] = sparsity
+    return out
+
+
+def _validate_layer_sparsity(c: CompressConfig) -> None:
+    if not c.layer_sparsity:
+        return
+    try:
+        finals = layer_sparsity(c)
+    except ValueError as e:
+        raise ConfigError(f"compress.layer_sparsity: {e}, e.g. [\"fc1=0.85\"]") from None
+    key = "compress.layer_sparsity"
+    _require(bool(c.schedule) and c.schedule[-1] > 0, key, c.layer_sparsity,
+             "needs compress.schedule ending above 0 (rounds scale it)")  # fmt: skip
+    _require(c.scope == "layer", key, c.layer_sparsity,
+             "needs compress.scope = \"layer\" (global uses one threshold)")  # fmt: skip
+    top = max(c.schedule) / c.schedule[-1]
+    worst = max(finals.values()) * top
+    _require(worst < 1, key, c.layer_sparsity,
+             f"a round would prune {worst:.0%} of a layer (the schedule peaks at {top:.2f}x"
+             " its last entry)")  # fmt: skip
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

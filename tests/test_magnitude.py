@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,9 @@ from distgraft.compress.magnitude import (
     rescale_dropout,
 )
 from distgraft.compress.structure import groups_of
+from distgraft.config import CompressConfig
 from distgraft.models import build_model
+from distgraft.train.sparsity import round_sparsity
 
 LENET = ROOT / "configs" / "digits_lenet300.toml"
 
@@ -68,6 +72,45 @@ def test_sparsity_removes_exactly_the_smallest_weights() -> None:
         w, m = model.get_parameter(key).detach().abs(), masks.masks[key]
         assert int((~m).sum()) == round(0.75 * w.numel())
         assert w[~m].max() <= w[m].min()
+
+
+def test_a_sparsity_per_layer_prunes_each_layer_to_its_own_rate() -> None:
+    model = lenet()
+    masks = prune_masks(model, ["fc1.weight", "fc2.weight"],
+                        sparsity={"fc1.weight": 0.5, "fc2.weight": 0.9})  # fmt: skip
+    assert {c.name: c.kept for c in masks.counts()} == {"fc1.weight": 9600, "fc2.weight": 3000}
+    with pytest.raises(ValueError, match="sparsity per layer"):
+        prune_masks(model, ["fc1.weight", "fc2.weight"], sparsity={"fc1.weight": 0.5})
+    with pytest.raises(ValueError, match="one sparsity, not one per layer"):
+        prune_masks(model, ["fc1.weight"], sparsity={"fc1.weight": 0.5}, scope="global")
+
+
+def test_layer_sparsity_scales_every_round_of_the_schedule() -> None:
+    c = CompressConfig(method="magnitude", schedule=(0.3, 0.6), layer_sparsity=("fc2=0.9",))
+    keys = prunable_weights(lenet())
+    assert round_sparsity(c, 0, keys) == pytest.approx(
+        {"fc1.weight": 0.3, "fc2.weight": 0.45, "fc3.weight": 0.3})
+    assert round_sparsity(c, 1, keys)["fc2.weight"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="fc9.*pruned layers: fc1, fc2, fc3"):
+        round_sparsity(replace(c, layer_sparsity=("fc9=0.5",)), 0, keys)
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [('--compress.layer_sparsity=["fc1:0.5"]', "'fc1:0.5' is not LAYER=SPARSITY"),
+     ('--compress.layer_sparsity=["fc1=1.0"]', "sparsity in [0, 1)"),
+     ('--compress.layer_sparsity=["fc9=0.5"]', "fc9"),
+     ("--compress.skip=[fc7]", "unknown layer 'fc7'"),
+     ('--compress.layer_sparsity=["fc1=0.5"]', "ending above 0")],
+)  # fmt: skip
+def test_bad_layer_names_and_rates_exit_2_before_training(tmp_path: Path, override, expect):
+    extra = ["--compress.schedule=[0.5,0]"] if "ending" in expect else []
+    proc = run([sys.executable, "-m", "distgraft", "train", *lenet_args(
+        tmp_path, "bad", 2, "--compress.method=magnitude", "--compress.schedule=[0.5]",
+        *extra, override)], timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and expect in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_later_rounds_only_add_zeros() -> None:

@@ -197,3 +197,13 @@ def test_help_lists_config_keys():
     assert proc.returncode == 0
     for key in ("--graft.a", "--graft.wire_dtype", "--optim.difflr", "--run.resume"):
         assert key in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    from distgraft.config import load_config, validate
+    from distgraft.train.sparsity import check_layers
+
+    cfg = load_config(path, [])
+    validate(cfg)
+    check_layers(cfg)  # layer names of compress.skip / layer_sparsity exist in the model

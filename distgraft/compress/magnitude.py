@@ -172,7 +172,7 @@ def prune_masks(
     keys: Sequence[str],
     *,
     quality: float | None = None,
-    sparsity: float | None = None,
+    sparsity: float | Mapping[str, float] | None = None,
     previous: Masks | None = None,
     scope: str = "layer",
 ) -> Masks:
@@ -183,14 +183,23 @@ def prune_masks(
     sparsity), so large redundant layers lose more than small sensitive ones.
 
     Exactly one of ``quality`` (threshold = quality x std of the layer's weights) and
-    ``sparsity`` (fraction of each layer's weights removed, in [0, 1)). With ``previous``
+    ``sparsity`` (fraction of each layer's weights removed, in [0, 1); a mapping gives each
+    weight key its own, as Han et al. prune each layer to its own rate). With ``previous``
     masks, pruned connections stay pruned (masks only shrink); a target sparsity then
     counts the already pruned weights too (their |w| is 0, so they go first).
     """
     if (quality is None) == (sparsity is None):
         raise ValueError("give exactly one of quality (threshold = q x std) and sparsity")
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity:g} is outside [0, 1)")
+    per_key = dict(sparsity) if isinstance(sparsity, Mapping) else dict.fromkeys(keys, sparsity)
+    if sparsity is not None:
+        if set(per_key) != set(keys):
+            raise ValueError(f"sparsity per layer for {sorted(per_key)}, pruned: {list(keys)}")
+        bad = {k: s for k, s in per_key.items() if not 0.0 <= s < 1.0}
+        if bad:
+            key, s = next(iter(bad.items()))
+            raise ValueError(f"sparsity {s:g} of {key} is outside [0, 1)")
+        if isinstance(sparsity, Mapping) and scope == "global":
+            raise ValueError("scope 'global' takes one sparsity, not one per layer")
     if quality is not None and not (quality >= 0 and math.isfinite(quality)):
         raise ValueError(f"quality {quality:g} must be a finite number >= 0")
     if scope not in SCOPES:
@@ -206,7 +215,7 @@ def prune_masks(
         return Masks(_global_masks(weights, quality, sparsity, previous))
     masks = {}
     for key, weight in weights.items():
-        mask = _threshold_mask(weight, quality, sparsity)
+        mask = _threshold_mask(weight, quality, per_key[key])
         if previous is not None and key in previous:
             mask &= previous.masks[key].to(mask.device)
         masks[key] = mask

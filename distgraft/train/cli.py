@@ -88,6 +88,7 @@ def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
     from distgraft.comm.dist import env_ranks
     from distgraft.train.data import check_available
+    from distgraft.train.sparsity import check_layers
     from distgraft.train.warmstart import check_init
 
     cfg = load_config(args.config, _overrides(args.extra))
@@ -95,6 +96,7 @@ def resolve(args: argparse.Namespace) -> Config:
     validate(cfg, world_size=world)
     check_available(cfg.data)
     check_init(cfg, cfg.graft.networks or world)
+    check_layers(cfg)
     return cfg
 
 

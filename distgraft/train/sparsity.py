@@ -12,6 +12,7 @@ checkpoint (``model.init``) keeps that checkpoint's zeros as its mask.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from distgraft.compress.magnitude import (
@@ -21,9 +22,10 @@ from distgraft.compress.magnitude import (
     prune_masks,
     rescale_dropout,
 )
-from distgraft.config import CompressConfig
+from distgraft.config import CompressConfig, Config, ConfigError, layer_sparsity
+from distgraft.models import build_model
 
-__all__ = ["SparseTraining", "round_epochs"]
+__all__ = ["SparseTraining", "check_layers", "round_epochs", "round_sparsity"]
 
 
 def round_epochs(cfg: CompressConfig) -> list[int]:
@@ -32,6 +34,35 @@ def round_epochs(cfg: CompressConfig) -> list[int]:
         return []
     rounds = len(cfg.schedule or cfg.quality)
     return [cfg.start_epoch + r * cfg.round_epochs for r in range(rounds)]
+
+
+def round_sparsity(c: CompressConfig, r: int, keys: list[str]) -> dict[str, float]:
+    """Round ``r``'s sparsity of each pruned weight: the schedule's entry, scaled by
+    final / last entry for the layers compress.layer_sparsity names."""
+    finals = layer_sparsity(c)
+    unknown = sorted(set(finals) - {k.removesuffix(".weight") for k in keys})
+    if unknown:
+        raise ValueError(f"compress.layer_sparsity names {unknown}, which are not pruned; "
+                         f"pruned layers: {', '.join(k.removesuffix('.weight') for k in keys)}")
+    scale = {k: finals.get(k.removesuffix(".weight"), c.schedule[-1]) / c.schedule[-1]
+             for k in keys}  # fmt: skip
+    return {k: c.schedule[r] * scale[k] for k in keys}
+
+
+def check_layers(cfg: Config) -> None:
+    """Pre-flight: compress.skip and compress.layer_sparsity name layers magnitude pruning
+    would touch (ConfigError before any process starts, not at the first round)."""
+    c = cfg.compress
+    if c.method != "magnitude" or not (c.skip or c.layer_sparsity):
+        return
+    with torch.device("meta"):  # names only: no memory, no init cost
+        model = build_model(cfg.model.name, 10)
+    try:
+        keys = prunable_weights(model, c.layers, c.skip_first, c.skip)
+        if c.schedule:
+            round_sparsity(c, 0, keys)
+    except ValueError as e:
+        raise ConfigError(f"compress: {e}") from None
 
 
 class SparseTraining:
@@ -55,7 +86,10 @@ class SparseTraining:
         r = self.rounds.index(epoch)
         c = self.cfg
         keys = prunable_weights(model, c.layers, c.skip_first, c.skip)
-        target = {"sparsity": c.schedule[r]} if c.schedule else {"quality": c.quality[r]}
+        if c.schedule:
+            target = {"sparsity": round_sparsity(c, r, keys)}
+        else:
+            target = {"quality": c.quality[r]}
         self.masks = prune_masks(model, keys, previous=self.masks, scope=c.scope, **target)
         self.masks.apply_(model)
         self.masks.mask_optimizer_(model, optimizer)
