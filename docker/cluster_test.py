@@ -249,8 +249,8 @@ class Cluster:
         out = sh(["docker", "inspect", self.container(service)], timeout=30).stdout
         return json.loads(out)[0]
 
-    def logs(self, *services: str) -> str:
-        return self.run("logs", "--no-color", *services, timeout=60, check=False).stdout
+    def logs(self) -> str:
+        return self.run("logs", "--no-color", timeout=60, check=False).stdout
 
     def read(self, rel: str) -> str:
         """A file of the runs volume ('' when it does not exist yet)."""
@@ -342,12 +342,8 @@ def demo(compose: list[str]) -> None:
         logs = c.logs()
         if "network   best acc  final acc" not in logs or "ensemble acc:" not in logs:
             raise Failed("rank 0 printed no results table")
-        if "is loopback but the job" in logs:
+        if "is loopback but the job" in logs:  # TELEMETRY_ADDRESS of the compose file
             raise Failed("the collector listens on loopback: other nodes cannot reach it")
-        # The live view (rank 0's console) shows both networks, not only its own node's.
-        if not any(all(f"net {n} | epoch 3/3" in self_log for n in (0, 1))
-                   for self_log in (c.logs("node0"), c.logs("node1"))):  # fmt: skip
-            raise Failed("no node's console shows the epochs of both networks")
         evs = c.events("demo")
         check_epochs(evs, 3)
         for net in (0, 1):
@@ -356,8 +352,8 @@ def demo(compose: list[str]) -> None:
                 raise Failed(f"network {net}: graft events {grafts}")
         if sum(e["event"] == "summary" for e in evs) != 1:
             raise Failed("no single summary event in metrics.jsonl")
-        say("demo: table and both networks in the live view; 3 epochs and 3 grafts per network "
-            "in metrics.jsonl")
+        say("demo: table printed, collector reachable, 3 epochs and 3 grafts per network in "
+            "metrics.jsonl")
 
 
 def crashes(compose: list[str], epochs: int) -> None:
