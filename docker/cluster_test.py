@@ -296,7 +296,7 @@ class Cluster:
         pids = sh(["docker", "exec", cid, "bash", "-c", find], timeout=30).stdout.split()
         if len(pids) != 1:
             raise Failed(f"expected one torchrun agent in {service}, found pids {pids}")
-        sh(["docker", "exec", cid, "kill", "-9", pids[0]], timeout=30)
+        sh(["docker", "exec", cid, "bash", "-c", f"kill -9 {pids[0]}"], timeout=30)  # builtin
         return int(pids[0])
 
 
