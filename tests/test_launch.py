@@ -255,7 +255,15 @@ def test_dockerfile() -> None:
     assert base and base.group(1).startswith("pytorch/pytorch:"), "default base image"
     assert "-runtime" in base.group(1) and "cuda" in base.group(1)
     assert base.start() < text.index("FROM ${BASE_IMAGE}")
-    assert "--no-cache-dir" in text and '".[digits,plot]"' in text
+    assert "--no-cache-dir" in text and 'extra["digits"] + extra["plot"]' in text
+    # Dependencies (from pyproject.toml alone) before the source: editing code keeps the
+    # multi-GB layer; wheels in docker/wheels/ make that install offline.
+    deps = text.index("-r /tmp/requirements.txt")
+    assert text.index("COPY pyproject.toml /workspace/") < deps
+    assert deps < text.index("distgraft /workspace/distgraft") < text.index("--no-deps")
+    assert "--no-index --find-links /tmp/wheels" in text
+    assert "COPY . " not in text  # not the wheels a second time, not the tests
+    assert re.search(r"import distgraft, torch, torchvision", text)  # a CPU torch breaks it
     assert re.search(r"^USER distgraft$", text, re.M)
     assert re.search(r"^WORKDIR /workspace$", text, re.M)
     assert re.search(r'^ENTRYPOINT \[.*"/workspace/docker/node\.sh"\]$', text, re.M)
