@@ -27,6 +27,7 @@ from distgraft.telemetry import (
     Telemetry,
     ZmqSink,
     decode_message,
+    forget_epochs,
     make_event,
     normalize_address,
     pack_event,
@@ -409,6 +410,32 @@ def test_read_jsonl_skips_malformed_lines(tmp_path: Path) -> None:
     events, bad = read_jsonl(path)
     assert events == written
     assert bad == 4
+
+
+START_FIELDS = {"world_size": 2, "networks": 2, "replicas": 1, "run_dir": "r", "config": ""}
+EPOCH_FIELDS = {"train_loss": 0.5, "train_acc": 80, "test_loss": None, "test_acc": None,
+                "lr": 0.1, "epoch_s": 2.0, "images_per_s": 300.0}  # fmt: skip
+
+
+def test_a_resume_forgets_the_epochs_it_trains_again(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)  # stays open across the rewrite, like the leads' sinks
+    sink.emit(make_event("start", 0, 0, **START_FIELDS))
+    for epoch in range(4):
+        for net in (0, 1):
+            sink.emit(make_event("epoch", net, epoch, **EPOCH_FIELDS))
+    sink.emit(make_event("error", 0, 3, message="peer died"))
+    with open(path, "a") as f:
+        f.write('{"event": "epo')  # the last line torn by the crash
+    assert forget_epochs(path, 2) == 4
+    sink.emit(make_event("epoch", 0, 2, **EPOCH_FIELDS))  # the resumed run goes on
+    sink.close()
+    events, bad = read_jsonl(path)
+    kept = [(e["event"], e["network"], e["epoch"]) for e in events]
+    assert kept == [("start", 0, 0), ("epoch", 0, 0), ("epoch", 1, 0), ("epoch", 0, 1),
+                    ("epoch", 1, 1), ("error", 0, 3), ("epoch", 0, 2)]  # fmt: skip
+    assert bad == 1  # the torn line is kept as it was, on a line of its own
+    assert forget_epochs(tmp_path / "absent.jsonl", 0) == 0
 
 
 def test_endpoints_file(tmp_path: Path) -> None:

@@ -45,7 +45,14 @@ from distgraft.telemetry.format import (
     start_config,
     summary_lines,
 )
-from distgraft.telemetry.sinks import ConsoleSink, JsonlSink, Sink, Telemetry, ZmqSink
+from distgraft.telemetry.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    Sink,
+    Telemetry,
+    ZmqSink,
+    forget_epochs,
+)
 from distgraft.telemetry.wire import (
     REJECT_REASONS,
     Rejected,
@@ -70,6 +77,7 @@ __all__ = [
     "JsonlSink",
     "ZmqSink",
     "Telemetry",
+    "forget_epochs",
     "Collector",
     "normalize_address",
     "write_endpoints",

@@ -20,7 +20,7 @@ from distgraft.telemetry.events import make_event, to_plain
 from distgraft.telemetry.format import format_event
 from distgraft.telemetry.wire import normalize_address, pack_event
 
-__all__ = ["Sink", "ConsoleSink", "JsonlSink", "ZmqSink", "Telemetry"]
+__all__ = ["Sink", "ConsoleSink", "JsonlSink", "ZmqSink", "Telemetry", "forget_epochs"]
 
 
 @runtime_checkable
@@ -76,6 +76,41 @@ class JsonlSink:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# Events that record an epoch's training: a resume that trains the epoch again supersedes them.
+EPOCH_EVENTS = frozenset({"epoch", "progress", "graft", "prune"})
+
+
+def forget_epochs(path: str | os.PathLike[str], start_epoch: int) -> int:
+    """Drop the training events of epochs >= ``start_epoch`` from a metrics.jsonl; the count.
+
+    A run that resumes at ``start_epoch`` trains those epochs again (a crash came before
+    every network had saved them), so their old lines would appear twice. Starts, errors
+    and warnings stay: they are the run's history. The file is rewritten in place (same
+    inode) so that appenders holding it open with O_APPEND keep writing to it; call it
+    while no process writes (the resume is a collective), and the content always ends
+    with a newline, so a line torn by a crash never merges with the next one.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with path.open("r+b") as f:
+        for line in f.read().splitlines():
+            try:
+                ev = json.loads(line)
+                stale = ev.get("event") in EPOCH_EVENTS and ev.get("epoch", -1) >= start_epoch
+            except (ValueError, AttributeError):
+                stale = False  # not ours to judge: keep it as it was
+            if stale:
+                dropped += 1
+            elif line.strip():
+                kept.append(line)
+        f.seek(0)
+        f.write(b"".join(line + b"\n" for line in kept))
+        f.truncate()
+    return dropped
 
 
 class ZmqSink:

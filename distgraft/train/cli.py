@@ -137,6 +137,8 @@ def start(cfg: Config, info: DistInfo, telemetry: Telemetry) -> Trainer:
         write_run_files(cfg, cfg.run_dir)
     trainer = Trainer(cfg, info, telemetry)
     trainer.resume()
+    if cfg.run.resume:
+        _forget_retrained_epochs(cfg, info, trainer.start_epoch)
     if info.is_main:
         telemetry.emit(
             "start",
@@ -149,6 +151,20 @@ def start(cfg: Config, info: DistInfo, telemetry: Telemetry) -> Trainer:
             config=to_toml(cfg),
         )
     return trainer
+
+
+def _forget_retrained_epochs(cfg: Config, info: DistInfo, start_epoch: int) -> None:
+    """metrics.jsonl loses the lines of the epochs this run trains again, so that every
+    epoch appears once however the last attempt died; the others wait meanwhile."""
+    from distgraft.comm.dist import barrier
+    from distgraft.telemetry import forget_epochs
+
+    if info.is_main:
+        dropped = forget_epochs(cfg.run_dir / "metrics.jsonl", start_epoch)
+        if dropped:
+            print(f"distgraft train: resuming at epoch {start_epoch}: dropped {dropped} "
+                  f"metrics.jsonl lines of epochs trained again", flush=True)  # fmt: skip
+    barrier(info, cfg.dist.timeout_s, "metrics.jsonl before the resume")
 
 
 def train(
