@@ -34,6 +34,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -398,6 +399,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=15, help="epochs of the crash run (15)")
     p.add_argument("--skip-build", action="store_true", help=f"use the existing {IMAGE}")
     args = p.parse_args()
+    # A CI timeout or Ctrl-C still runs every `down -v` and stops the dockerd started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         with docker_daemon():
             compose = compose_cmd()
@@ -411,6 +414,9 @@ def main() -> int:
     except Failed as e:
         say(f"FAILED: {e}")
         return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
     say("passed")
     return 0
 
