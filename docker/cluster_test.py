@@ -18,6 +18,8 @@
    "node0"); Docker restarts node1 and training goes on. Later the same for node0, which
    hosts the rendezvous (node1's agent loses it, fails, and is restarted too). The run
    ends with every epoch of both networks in metrics.jsonl exactly once.
+7. Manual stop: ``docker kill`` of node1 is not restarted by Docker; ``docker start``
+   brings it back, and again every epoch appears exactly once.
 
 Every compose project gets a unique name and ``down -v`` in the end, whatever happened.
 Every step has a timeout. Exit status: 0 passed, 1 failed; 0 with "SKIPPED: why" only
@@ -394,6 +396,30 @@ def crashes(compose: list[str], epochs: int) -> None:
             f"both networks exactly once ({epochs} each)")  # fmt: skip
 
 
+def manual_stop(compose: list[str], epochs: int = 12) -> None:
+    """`docker kill` is a manual stop: Docker leaves the node down; `docker start` brings
+    it back while the other node waits at the rendezvous, and the run goes on."""
+    with cluster(compose, "stop", f"--run.name=stop --run.epochs={epochs}") as c:
+        say(f"manual stop: {c.project} up, {epochs} epochs")
+        c.up()
+        deadline = time.monotonic() + 240
+        while min(epochs_done(c.events("stop")).get(n, 0) for n in (0, 1)) < 2:
+            if time.monotonic() > deadline:
+                raise Failed("epoch 2 not reached within 240s")
+            time.sleep(0.2)
+        node1 = c.container("node1")
+        sh(["docker", "kill", node1], timeout=60)
+        time.sleep(5)
+        state = c.state("node1")
+        if state["State"]["Status"] != "exited" or state["RestartCount"] != 0:
+            raise Failed(f"Docker restarted a killed container: {state['State']}")
+        sh(["docker", "start", node1], timeout=60)
+        c.wait_done(timeout=300)
+        check_epochs(c.events("stop"), epochs)
+        say("manual stop: `docker kill node1` stayed down until `docker start`; every epoch "
+            "of both networks exactly once")  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=15, help="epochs of the crash run (15)")
@@ -408,6 +434,7 @@ def main() -> int:
                 build_image(base_image())
             demo(compose)
             crashes(compose, args.epochs)
+            manual_stop(compose)
     except Skip as e:
         say(f"SKIPPED: {e}")
         return 0
