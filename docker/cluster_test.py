@@ -234,6 +234,7 @@ class Cluster:
             MAX_RESTARTS="3", TRAIN_ARGS=train_args,
         )  # fmt: skip
         self.env.pop("BASE_IMAGE", None)
+        self._ids: dict[str, str] = {}
 
     def run(self, *args: str, timeout: float = 120, check: bool = True):
         return sh([*self.compose, *args], timeout=timeout, check=check, env=self.env)
@@ -246,10 +247,13 @@ class Cluster:
             self.run("down", "-v", "--remove-orphans", "-t", "5", timeout=180, check=False)
 
     def container(self, service: str) -> str:
-        ids = self.run("ps", "-q", service).stdout.split()
-        if len(ids) != 1:
-            raise Failed(f"expected one {service} container, found {ids}")
-        return ids[0]
+        """The service's container id (Docker restarts keep the container, so it is cached)."""
+        if service not in self._ids:
+            ids = self.run("ps", "-q", service).stdout.split()
+            if len(ids) != 1:
+                raise Failed(f"expected one {service} container, found {ids}")
+            self._ids[service] = ids[0]
+        return self._ids[service]
 
     def state(self, service: str) -> dict:
         out = sh(["docker", "inspect", self.container(service)], timeout=30).stdout
@@ -281,16 +285,27 @@ class Cluster:
         """Until both nodes exited 0 for good; fails when one gave up or time ran out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            states = {s: self.state(s)["State"] for s in ("node0", "node1")}
+            info = {s: self.state(s) for s in ("node0", "node1")}
+            states = {s: i["State"] for s, i in info.items()}
             if all(st["Status"] == "exited" and st["ExitCode"] == 0 for st in states.values()):
                 return
             for s, st in states.items():
-                if st["Status"] == "exited" and st["ExitCode"] != 0 and not st["Restarting"]:
-                    restarts = self.state(s)["RestartCount"]
-                    if restarts >= 3:
-                        raise Failed(f"{s} exited {st['ExitCode']} after {restarts} restarts")
+                restarts = info[s]["RestartCount"]
+                if st["Status"] == "exited" and st["ExitCode"] != 0 and restarts >= 3:
+                    raise Failed(f"{s} exited {st['ExitCode']} after {restarts} restarts")
             time.sleep(1)
         raise Failed(f"the run did not end within {timeout:.0f}s")
+
+    def await_epochs(self, run: str, epochs: int, timeout: float = 240) -> dict[int, int]:
+        """Until both networks have completed ``epochs`` epochs; the counts then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = epochs_done(self.events(run))
+            if min(done.get(n, 0) for n in (0, 1)) >= epochs:
+                return done
+            if time.monotonic() > deadline:
+                raise Failed(f"epoch {epochs} not reached within {timeout:.0f}s: {dict(done)}")
+            time.sleep(0.2)
 
     def kill_agent(self, service: str) -> int:
         """SIGKILL the node's torchrun agent (the container's main process under init)."""
@@ -369,21 +384,17 @@ def crashes(compose: list[str], epochs: int) -> None:
         c.up()
         kills = []
         for service, after in (("node1", 2), ("node0", 2 + epochs // 3)):
-            deadline = time.monotonic() + 240
-            while min(epochs_done(c.events("crash")).get(n, 0) for n in (0, 1)) < after:
-                if time.monotonic() > deadline:
-                    raise Failed(f"epoch {after} not reached within 240s")
-                time.sleep(0.2)
+            c.await_epochs("crash", after)
             restarts = c.state(service)["RestartCount"]
             pid = c.kill_agent(service)
             done = epochs_done(c.events("crash"))
             say(f"crash: kill -9 of {service}'s torchrun agent (pid {pid}) "
                 f"after epochs {dict(done)} per network")  # fmt: skip
-            kills.append((service, restarts, max(done.values())))
+            kills.append((service, restarts))
             if max(done.values()) >= epochs - 2:
                 raise Failed(f"the run was nearly over at the kill ({dict(done)}): more epochs")
         c.wait_done(timeout=400)
-        for service, before, _ in kills:
+        for service, before in kills:
             restarts = c.state(service)["RestartCount"]
             if restarts <= before:
                 raise Failed(f"Docker did not restart {service} after the kill")
@@ -402,11 +413,7 @@ def manual_stop(compose: list[str], epochs: int = 12) -> None:
     with cluster(compose, "stop", f"--run.name=stop --run.epochs={epochs}") as c:
         say(f"manual stop: {c.project} up, {epochs} epochs")
         c.up()
-        deadline = time.monotonic() + 240
-        while min(epochs_done(c.events("stop")).get(n, 0) for n in (0, 1)) < 2:
-            if time.monotonic() > deadline:
-                raise Failed("epoch 2 not reached within 240s")
-            time.sleep(0.2)
+        c.await_epochs("stop", 2)
         node1 = c.container("node1")
         sh(["docker", "kill", node1], timeout=60)
         time.sleep(5)

@@ -194,10 +194,9 @@ def prune_masks(
     if sparsity is not None:
         if set(per_key) != set(keys):
             raise ValueError(f"sparsity per layer for {sorted(per_key)}, pruned: {list(keys)}")
-        bad = {k: s for k, s in per_key.items() if not 0.0 <= s < 1.0}
-        if bad:
-            key, s = next(iter(bad.items()))
-            raise ValueError(f"sparsity {s:g} of {key} is outside [0, 1)")
+        for key, s in per_key.items():
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s:g} of {key} is outside [0, 1)")
         if isinstance(sparsity, Mapping) and scope == "global":
             raise ValueError("scope 'global' takes one sparsity, not one per layer")
     if quality is not None and not (quality >= 0 and math.isfinite(quality)):

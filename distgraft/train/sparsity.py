@@ -39,14 +39,13 @@ def round_epochs(cfg: CompressConfig) -> list[int]:
 def round_sparsity(c: CompressConfig, r: int, keys: list[str]) -> dict[str, float]:
     """Round ``r``'s sparsity of each pruned weight: the schedule's entry, scaled by
     final / last entry for the layers compress.layer_sparsity names."""
-    finals = layer_sparsity(c)
-    unknown = sorted(set(finals) - {k.removesuffix(".weight") for k in keys})
+    finals, last = layer_sparsity(c), c.schedule[-1]
+    layer = {k: k.removesuffix(".weight") for k in keys}
+    unknown = sorted(set(finals) - set(layer.values()))
     if unknown:
         raise ValueError(f"compress.layer_sparsity names {unknown}, which are not pruned; "
-                         f"pruned layers: {', '.join(k.removesuffix('.weight') for k in keys)}")
-    scale = {k: finals.get(k.removesuffix(".weight"), c.schedule[-1]) / c.schedule[-1]
-             for k in keys}  # fmt: skip
-    return {k: c.schedule[r] * scale[k] for k in keys}
+                         f"pruned layers: {', '.join(layer.values())}")  # fmt: skip
+    return {k: c.schedule[r] * finals.get(layer[k], last) / last for k in keys}
 
 
 def check_layers(cfg: Config) -> None:
