@@ -82,6 +82,12 @@ class DataConfig:
     """Per-process training batch size (the reference code's 128)."""
     test_batch_size: int = 1000
     """Evaluation batch size."""
+    val_size: int = -1
+    """Training images held out for validation (seeded by run.seed: the same for every
+    network); best.pt and every pruning decision use them, never the test split. -1: the
+    dataset's default (a tenth of the training images, at most 5000 for CIFAR and 10000 for
+    ImageNet); 0: none (best.pt then follows test accuracy, the paper's optimistic
+    convention)."""
     augment: bool = True
     """Random crop (pad 4) and horizontal flip for CIFAR; random-resized crop for ImageNet."""
     workers: int = 8
@@ -451,6 +457,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _require(d.test_batch_size >= 1, "data.test_batch_size", d.test_batch_size, "must be >= 1")
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _require(d.val_size >= -1, "data.val_size", d.val_size, "must be >= 0, or -1 (default)")
     _require(
         len(d.synthetic_shape) == 3 and all(s > 0 for s in d.synthetic_shape),
         "data.synthetic_shape",

@@ -10,23 +10,35 @@ checkpoint from elsewhere cannot run code).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "load"]
+__all__ = ["save_atomic", "copy_atomic", "load"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` with the guarantees of ``save_atomic``."""
+    with open(src, "rb") as f:
+        _write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def _write_atomic(path: str | Path, write) -> None:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -25,19 +25,21 @@ from distgraft.train.data import (
     build_data,
     check_available,
     epoch_seed,
+    split_indices,
+    val_count,
 )
 
 CPU = torch.device("cpu")
-DIGITS = DataConfig(name="digits", batch_size=128, test_batch_size=100)
+DIGITS = DataConfig(name="digits", batch_size=128, test_batch_size=100, val_size=0)
 
 
 def _device_data(
     cfg: DataConfig, seed: int = 0, **kw: int | bool
 ) -> tuple[DeviceLoader, DeviceLoader, DataInfo]:
     """build_data, narrowed to the device-resident loaders these tests inspect."""
-    train, test, info = build_data(cfg, CPU, seed, **kw)  # type: ignore[arg-type]
-    assert isinstance(train, DeviceLoader) and isinstance(test, DeviceLoader)
-    return train, test, info
+    data = build_data(cfg, CPU, seed, **kw)  # type: ignore[arg-type]
+    assert isinstance(data.train, DeviceLoader) and isinstance(data.test, DeviceLoader)
+    return data.train, data.test, data.info
 
 
 def _epoch(loader: DeviceLoader, epoch: int | None = None) -> list[tuple[Tensor, Tensor]]:
@@ -152,7 +154,8 @@ def _crop_candidates(
 def test_augmented_samples_are_crops_and_flips_of_their_source() -> None:
     """Each augmented sample equals exactly one (offset, flip) transform of its image."""
     cfg = DataConfig(
-        name="synthetic", synthetic_shape=(3, 16, 16), synthetic_train=96, batch_size=32
+        name="synthetic", synthetic_shape=(3, 16, 16), synthetic_train=96, batch_size=32,
+        val_size=0,
     )
     train, _, _ = _device_data(cfg, seed=2)
     train.set_epoch(1)
@@ -202,7 +205,7 @@ def test_flip_on_a_known_image() -> None:
 
 
 def test_crop_flip_and_channels_last_keep_shape() -> None:
-    cfg = DataConfig(name="synthetic", synthetic_train=40, batch_size=16)
+    cfg = DataConfig(name="synthetic", synthetic_train=40, batch_size=16, val_size=0)
     train, test, _ = _device_data(cfg, channels_last=True)
     for x, _ in [*train, *test]:
         assert x.shape[1:] == (3, 32, 32)
@@ -238,7 +241,9 @@ def _write_cifar10(root: Path) -> tuple[np.ndarray, list[int], np.ndarray, list[
 
 def test_cifar10_reads_torchvision_python_format(tmp_path: Path) -> None:
     xtr, ytr, xte, yte = _write_cifar10(tmp_path)
-    cfg = DataConfig(name="cifar10", root=str(tmp_path), batch_size=16, test_batch_size=4)
+    cfg = DataConfig(
+        name="cifar10", root=str(tmp_path), batch_size=16, test_batch_size=4, val_size=0
+    )
     check_available(cfg)
     train, test, info = _device_data(cfg)
     assert info == DataInfo(10, 3, 32, 100, 10)
@@ -265,7 +270,7 @@ def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:
     _pickle(folder / "train", {b"data": x, b"fine_labels": fine, b"coarse_labels": coarse})
     _pickle(folder / "test", {b"data": x[:10], b"fine_labels": fine[:10], b"coarse_labels": []})
     _pickle(folder / "meta", {b"fine_label_names": [b"f"] * 100})
-    cfg = DataConfig(name="cifar100", root=str(tmp_path), batch_size=8)
+    cfg = DataConfig(name="cifar100", root=str(tmp_path), batch_size=8, val_size=0)
     train, test, info = _device_data(cfg)
     assert info == DataInfo(100, 3, 32, 30, 10)
     assert train.labels.tolist() == fine and test.labels.tolist() == fine[:10]
@@ -308,8 +313,8 @@ def test_download_calls_torchvision_once(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     cfg = DataConfig(name="cifar10", root=str(tmp_path / "dl"), download=True)
     check_available(cfg)  # missing but downloadable: fine
-    _, _, info = build_data(cfg, CPU, 0)
-    assert calls == [(str(tmp_path / "dl"), True)] and info.train_size == 100
+    info = build_data(cfg, CPU, 0).info
+    assert calls == [(str(tmp_path / "dl"), True)] and info.train_size + info.val_size == 100
     build_data(cfg, CPU, 0)
     assert len(calls) == 1  # present now: no second download
 
@@ -333,10 +338,11 @@ def test_imagenet_image_folder_batches(tmp_path: Path) -> None:
     _write_image_folder(tmp_path)
     cfg = DataConfig(
         name="imagenet", root=str(tmp_path), workers=0, image_size=32, batch_size=4,
-        test_batch_size=4,
+        test_batch_size=4, val_size=0,
     )  # fmt: skip
     check_available(cfg)
-    train, test, info = build_data(cfg, CPU, seed=0, channels_last=True)
+    data = build_data(cfg, CPU, seed=0, channels_last=True)
+    train, test, info = data.train, data.test, data.info
     assert info == DataInfo(2, 3, 32, 6, 6)
     assert len(train) == 2 and len(test) == 2
     train.set_epoch(1)
@@ -368,7 +374,7 @@ def test_imagenet_missing_folder_is_named(tmp_path: Path) -> None:
 def test_synthetic_follows_config_and_ignores_network_seed() -> None:
     cfg = DataConfig(
         name="synthetic", synthetic_shape=(2, 12, 10), synthetic_train=50, synthetic_test=20,
-        synthetic_classes=3, batch_size=16, test_batch_size=8,
+        synthetic_classes=3, batch_size=16, test_batch_size=8, val_size=0,
     )  # fmt: skip
     train, test, info = _device_data(cfg, seed=0)
     other, _, _ = _device_data(cfg, seed=9)
@@ -382,3 +388,37 @@ def test_synthetic_follows_config_and_ignores_network_seed() -> None:
     # Images under 16 px are not augmented: the batches are the rows in shuffled order.
     x = torch.cat([_as_uint8(xb, train) for xb, _ in batches])
     assert torch.equal(x, train.images[train.order()])
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_held_out_seeded_and_default_a_tenth() -> None:
+    """data.val_size images leave the training set; the choice depends on the run seed only,
+    so every network of a run (whatever its own seed) holds out the same images."""
+    cfg = replace(DIGITS, val_size=-1, augment=False)
+    a = build_data(cfg, CPU, seed=0, split_seed=5)
+    b = build_data(cfg, CPU, seed=1000, split_seed=5)  # network 1 of the same run
+    c = build_data(cfg, CPU, seed=0, split_seed=6)  # another run
+    assert a.info.val_size == 143 and a.info.train_size == 1437 - 143
+    assert isinstance(a.val, DeviceLoader) and len(a.val.labels) == 143
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.images, b.train.images)
+    assert not torch.equal(a.val.images, c.val.images)
+    # Disjoint and complete: the held-out and the training images are the full training split.
+    full = build_data(DIGITS, CPU, seed=0).train.images
+    train_idx, val_idx = split_indices(1437, 143, 5)
+    assert torch.equal(a.val.images, full[val_idx]) and torch.equal(a.train.images, full[train_idx])
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    # Sequential and unaugmented, like the test loader: every pass gives the same batches.
+    assert _same_batches(list(a.val), list(a.val))
+    none = build_data(DIGITS, CPU, seed=0)
+    assert none.val is None and none.info.val_size == 0
+
+
+def test_validation_size_defaults_and_limits() -> None:
+    assert val_count(DataConfig(name="cifar10"), 50_000) == 5000
+    assert val_count(DataConfig(name="cifar10"), 100) == 10  # tiny files: a tenth
+    assert val_count(DataConfig(name="imagenet"), 1_281_167) == 10_000
+    assert val_count(DataConfig(name="digits", val_size=7), 1437) == 7
+    with pytest.raises(DataError, match="data.val_size"):
+        val_count(DataConfig(name="digits", val_size=1437), 1437)

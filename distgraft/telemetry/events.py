@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA",
     "COMMON_FIELDS",
     "SUMMARY_ROW",
+    "OPTIONAL",
     "MAX_DEPTH",
     "SchemaError",
     "validate_event",
@@ -93,6 +94,12 @@ SCHEMA: dict[str, dict[str, str]] = {
         "run_dir": "str",
         "config": "str",
     },
+}
+
+# Fields an event may lack (files written by earlier versions) but, when present, must have
+# these types.
+OPTIONAL: dict[str, dict[str, str]] = {
+    "epoch": {"val_loss": "float?", "val_acc": "float?"},
 }
 
 # Extra (unknown) keys may hold any JSON-like value, but not arbitrarily deep ones.
@@ -188,6 +195,9 @@ def validate_event(obj: Any) -> dict[str, Any]:
         raise SchemaError("time", "must be finite")
     for key, code in SCHEMA[kind].items():
         _check_field(obj, key, code, "")
+    for key, code in OPTIONAL.get(kind, {}).items():
+        if key in obj:
+            _check_field(obj, key, code, "")
     if kind == "graft":
         n = len(obj["layers"])
         for key in ("alpha", "h_self", "h_peer"):

@@ -30,6 +30,12 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _val(ev: dict[str, Any]) -> str:
+    """"val 97.2% " when the epoch was evaluated on a validation split, else nothing."""
+    acc = ev.get("val_acc")
+    return "" if acc is None else f"val {acc:.1f}% "
+
+
 def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
     """One human line for an event, or None for events not worth a line (progress)."""
     kind, net = ev["event"], ev["network"]
@@ -38,7 +44,7 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
     if kind == "epoch":
         return (
             f"net {net} | epoch {ep_txt} | loss {ev['train_loss']:.3f} "
-            f"acc {ev['train_acc']:.1f}% | test {_num(ev['test_acc'], '.1f', '%')} | "
+            f"acc {ev['train_acc']:.1f}% | {_val(ev)}test {_num(ev['test_acc'], '.1f', '%')} | "
             f"lr {ev['lr']:.4g} | {ev['epoch_s']:.1f} s | {ev['images_per_s']:.0f} img/s"
         )
     if kind == "graft":
@@ -78,10 +84,13 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
 
 def summary_lines(ev: dict[str, Any]) -> list[str]:
     """The final table of a ``summary`` event."""
-    lines = ["network   best acc  final acc  invalid<0.1  invalid<0.01"]
+    lines = ["network   best acc  (epoch)  max test  final acc  invalid<0.1  invalid<0.01"]
     for row in sorted(ev["networks"], key=lambda r: r["network"]):
+        epoch = row.get("best_epoch")
+        epoch_txt = f"({display_epoch(epoch)})" if isinstance(epoch, int) and epoch >= 0 else ""
         lines.append(
-            f"{row['network']:>7}   {row['best_acc']:7.2f}%  {row['final_acc']:8.2f}%  "
+            f"{row['network']:>7}   {row['best_acc']:7.2f}%  {epoch_txt:>7}  "
+            f"{_num(row.get('max_test_acc'), '7.2f', '%'):>8}  {row['final_acc']:8.2f}%  "
             f"{row['invalid_01']:>11}  {row['invalid_001']:>12}"
         )
     lines.append(f"ensemble acc: {_num(ev['ensemble_acc'], '.2f', '%')}")

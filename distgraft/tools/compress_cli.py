@@ -85,14 +85,13 @@ def test_loader(loaded: Loaded, device: Any, data_root: str | None):
     from distgraft.train.data import build_data
 
     cfg = loaded.config(data_root)
-    _, test, _ = build_data(cfg.data, device, seed=0)
-    return test
+    return build_data(cfg.data, device, seed=0, split_seed=cfg.run.seed).test
 
 
 def accuracy(model: Any, loader: Any) -> float:
-    from distgraft.train.trainer import evaluate
+    from distgraft.train.evaluate import accuracy as evaluate_accuracy
 
-    return evaluate(model, loader)[1]
+    return evaluate_accuracy(model, loader)
 
 
 def device_of(name: str):

@@ -52,7 +52,7 @@ def trim_layers(loaded: Any, loader: Any, per_round: int) -> tuple[dict, list[st
 
 def _retrain(args: argparse.Namespace, loaded: Any, start: Path, rnd: int, info: Any) -> Path:
     """Train the pruned network ``start`` for the round; its final checkpoint."""
-    from distgraft.train.cli import open_telemetry, train
+    from distgraft.train.run import open_telemetry, train
 
     cfg = loaded.config(args.data_root)
     cfg = _round_config(cfg, args, start, rnd)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from distgraft.comm.dist import agree_min
-from distgraft.files import load, save_atomic
+from distgraft.files import copy_atomic, load, save_atomic
 
 __all__ = [
     "FORMAT_VERSION",
     "save_atomic",
+    "copy_atomic",
     "load",
     "save_epoch",
     "available_epochs",

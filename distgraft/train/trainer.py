@@ -9,12 +9,11 @@ never stalled by a per-step host sync.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import math
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +34,11 @@ from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.models import build_model
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
+from distgraft.train.evaluate import evaluate
 from distgraft.train.sparsity import SparseTraining
 from distgraft.train.warmstart import load_init
 
-__all__ = ["Trainer", "Summary", "network_lr", "lr_factor", "evaluate"]
+__all__ = ["Trainer", "Summary", "Record", "network_lr", "lr_factor", "evaluate"]
 
 PROGRESS_EVERY_S = 1.0
 
@@ -74,12 +74,55 @@ class Summary:
 
     network: int
     best_acc: float
+    """Test accuracy at the epoch of best validation accuracy (of best test accuracy
+    without a validation split): the epoch best.pt holds."""
     final_acc: float
     invalid_01: int
     invalid_001: int
     weights: int = 0
     """Conv and linear weights (the connections magnitude pruning counts)."""
     nonzero_weights: int = 0
+    max_test_acc: float = 0.0
+    """The highest test accuracy of any epoch (the grafting paper's convention: optimistic)."""
+    best_epoch: int = -1
+    best_val_acc: float | None = None
+
+
+@dataclass
+class Record:
+    """A network's accuracies so far: what "best" and "final" mean, kept in checkpoints.
+
+    "best" is chosen on the validation split (never the test split); the maximum test
+    accuracy over epochs is kept beside it under its own name.
+    """
+
+    best_acc: float = 0.0
+    best_epoch: int = -1
+    best_val_acc: float | None = None
+    max_test_acc: float = 0.0
+    final_acc: float = 0.0
+
+    def update(self, epoch: int, val_acc: float | None, test_acc: float) -> bool:
+        """Take an evaluated epoch into account; True when it is the new best."""
+        self.final_acc = test_acc
+        self.max_test_acc = max(self.max_test_acc, test_acc)
+        score = test_acc if val_acc is None else val_acc
+        previous = self.best_acc if val_acc is None else self.best_val_acc
+        best = self.best_epoch < 0 or previous is None or score >= previous
+        if best:
+            self.best_acc, self.best_epoch, self.best_val_acc = test_acc, epoch, val_acc
+        return best
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Record:
+        """From a checkpoint; those of earlier versions kept only best_acc and last_acc."""
+        if "record" in state:
+            return cls(**state["record"])
+        acc = float(state.get("best_acc", 0.0))
+        return cls(best_acc=acc, max_test_acc=acc, final_acc=float(state.get("last_acc", 0.0)))
 
 
 class Trainer:
@@ -91,9 +134,10 @@ class Trainer:
         self.seed = cfg.run.seed + 1000 * info.network
         self.net_dir = cfg.run_dir / f"net{info.network}"
         _seed_everything(self.seed)
-        self.train_loader, self.test_loader, self.data_info = build_data(
-            cfg.data, self.device, self.seed, info.replica, info.replicas, cfg.model.channels_last
-        )
+        data = build_data(cfg.data, self.device, self.seed, info.replica, info.replicas,
+                          cfg.model.channels_last, split_seed=cfg.run.seed)  # fmt: skip
+        self.train_loader, self.val_loader, self.test_loader = data.train, data.val, data.test
+        self.data_info = data.info
         self.model = self._build_model()
         self.grafter = self._make_grafter()
         self.net = self._wrap(self.model)
@@ -104,8 +148,7 @@ class Trainer:
         # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
         self.epoch = 0  # the epoch in progress: what an error event reports
-        self.best_acc = 0.0
-        self.last_acc = 0.0
+        self.record = Record()
         self._resumed = False
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -178,14 +221,15 @@ class Trainer:
             record = self.graft(epoch)
             if record is not None:
                 self._emit("graft", epoch, **record.event_fields())
+            best = False
             if self._evaluate_now(epoch):
-                test_loss, test_acc, _ = self.evaluate()
-                stats.update(test_loss=test_loss, test_acc=test_acc)
-                self.last_acc = test_acc
-                self.best_acc = max(self.best_acc, test_acc)
+                stats.update(self.evaluate_splits())
+                best = self.record.update(epoch, stats["val_acc"], stats["test_acc"])
             self._emit("epoch", epoch, **stats)
-            self.save(epoch, stats.get("test_acc"))
+            self.save(epoch)
             barrier(self.info, self.cfg.dist.timeout_s, f"the end of epoch {epoch}")
+            if best:  # after the barrier: best.pt only ever holds an epoch every network saved
+                self.save_best()
         self.save_sparse()
         return self.summary()
 
@@ -214,6 +258,8 @@ class Trainer:
         return {
             "train_loss": float(loss_sum) / max(seen, 1),
             "train_acc": 100.0 * float(correct) / max(seen, 1),
+            "val_loss": None,
+            "val_acc": None,
             "test_loss": None,
             "test_acc": None,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -249,6 +295,15 @@ class Trainer:
     def evaluate(self) -> tuple[float, float, Tensor]:
         """(loss, accuracy %, logits of the whole test set) of this network."""
         return evaluate(self.net, self.test_loader, self._autocast)
+
+    def evaluate_splits(self) -> dict:
+        """Loss and accuracy on the validation split (None without one) and the test split."""
+        out = {"val_loss": None, "val_acc": None}
+        if self.val_loader is not None:
+            loss, acc, _ = evaluate(self.net, self.val_loader, self._autocast)
+            out = {"val_loss": loss, "val_acc": acc}
+        test_loss, test_acc, _ = self.evaluate()
+        return {**out, "test_loss": test_loss, "test_acc": test_acc}
 
     def _force_weights(self) -> list[nn.Parameter]:
         r = self.cfg.regularize
@@ -294,8 +349,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "best_acc": self.best_acc,
-            "last_acc": self.last_acc,
+            "record": self.record.state_dict(),
             "rng": checkpoint.rng_state(),
             "config": to_toml(self.cfg),
             "arch": self.arch,
@@ -306,7 +360,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])  # in place: the graft views survive
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
+        self.record = Record.from_state(state)
         checkpoint.set_rng_state(state["rng"])
         self.start_epoch = self.epoch = state["epoch"] + 1
         self.arch = state.get("arch", self.arch)
@@ -315,20 +369,21 @@ class Trainer:
                 apply_dropout_edit(self.model, edit)
         self.sparse.load_state_dict(state.get("masks"), self.model)
 
-    def save(self, epoch: int, test_acc: float | None) -> None:
-        if not self.lead:
-            return
-        state = self.state_dict(epoch)
-        checkpoint.save_epoch(state, self.net_dir)
-        if test_acc is not None and test_acc >= self.best_acc:
-            checkpoint.save_atomic(state, self.net_dir / "best.pt")
+    def save(self, epoch: int) -> None:
+        if self.lead:
+            checkpoint.save_epoch(self.state_dict(epoch), self.net_dir)
+
+    def save_best(self) -> None:
+        """best.pt becomes a copy of last.pt (the epoch of best validation accuracy)."""
+        if self.lead:
+            checkpoint.copy_atomic(self.net_dir / "last.pt", self.net_dir / "best.pt")
 
     def save_sparse(self) -> None:
         """With masks: the final network as a sparse checkpoint (net{k}/sparse.pt)."""
         if not self.lead or not self.sparse.active:
             return
         masks = self.sparse.masks
-        report = {"compression": masks.compression(), "final_acc": self.last_acc,
+        report = {"compression": masks.compression(), "final_acc": self.record.final_acc,
                   "layers": {c.name: [c.kept, c.total] for c in masks.counts()}}  # fmt: skip
         save_compressed(self.net_dir / "sparse.pt", None, self.arch, kind="sparse",
                         config=to_toml(self.cfg), report=report, source=str(self.net_dir),
@@ -355,8 +410,9 @@ class Trainer:
         weights = [m.weight for m in self.model.modules() if isinstance(m, WEIGHTED)]
         total = sum(w.numel() for w in weights)
         nonzero = int(sum(int(w.count_nonzero()) for w in weights))
-        return Summary(self.info.network, self.best_acc, self.last_acc, inv01, inv001,
-                       total, nonzero)  # fmt: skip
+        r = self.record
+        return Summary(self.info.network, r.best_acc, r.final_acc, inv01, inv001, total,
+                       nonzero, r.max_test_acc, r.best_epoch, r.best_val_acc)  # fmt: skip
 
     def ensemble_accuracy(self) -> float | None:
         """Accuracy of the mean of all networks' test logits (every rank must call this)."""
@@ -364,23 +420,6 @@ class Trainer:
         total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation")
         y = torch.cat([y for _, y in self.test_loader])
         return float((total.argmax(1) == y).float().mean() * 100)
-
-
-@torch.no_grad()
-def evaluate(
-    net: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], autocast=contextlib.nullcontext
-) -> tuple[float, float, Tensor]:
-    """(loss, accuracy %, logits) of ``net`` over every batch of ``loader``, in eval mode."""
-    net.eval()
-    outputs, labels = [], []
-    for x, y in loader:
-        with autocast():
-            outputs.append(net(x).float())
-        labels.append(y)
-    logits, y = torch.cat(outputs), torch.cat(labels)
-    loss = F.cross_entropy(logits, y)
-    acc = (logits.argmax(1) == y).float().mean() * 100
-    return float(loss), float(acc), logits
 
 
 def _seed_everything(seed: int) -> None:

@@ -36,6 +36,12 @@ ImageNet uses ``torchvision.datasets.ImageFolder`` with a ``DistributedSampler``
 pure function of ``(seed, epoch)`` too); its random crops come from the DataLoader workers'
 RNGs, so they are not bit-identical across a resume.
 
+Validation split: ``data.val_size`` training images are held out (a random choice seeded
+by the run's seed, so every network of a run, and every tool that rebuilds the data from a
+checkpoint's config, holds out the same images). Every decision is taken on them, never on
+the test split: which epoch is ``best.pt``, APoZ, trimming's accuracy check, sensitivity.
+The validation loader is sequential and unaugmented, like the test loader.
+
 CIFAR files are pickles, read with ``pickle.load`` exactly as torchvision does: only point
 ``data.root`` at files you trust.
 """
@@ -65,6 +71,7 @@ from distgraft.train.data.imagenet import (
     check_imagenet,
 )
 from distgraft.train.data.loaders import (
+    Data,
     DataError,
     DataInfo,
     DeviceLoader,
@@ -72,10 +79,13 @@ from distgraft.train.data.loaders import (
     TorchLoader,
     channel_stats,
     epoch_seed,
+    split_indices,
+    val_count,
 )
 from distgraft.train.data.synthetic import load_synthetic
 
 __all__ = [
+    "Data",
     "DataError",
     "DataInfo",
     "Loader",
@@ -83,6 +93,8 @@ __all__ = [
     "TorchLoader",
     "check_available",
     "build_data",
+    "val_count",
+    "split_indices",
     "epoch_seed",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -123,33 +135,40 @@ def build_data(
     replica: int = 0,
     replicas: int = 1,
     channels_last: bool = False,
-) -> tuple[Loader, Loader, DataInfo]:
-    """(train_loader, test_loader, info) for this replica of one network.
+    split_seed: int = 0,
+) -> Data:
+    """The loaders (train, validation, test) and ``DataInfo`` for one replica of one network.
 
     ``seed`` fixes the training order and augmentation (see the module docstring);
-    ``replica``/``replicas`` select this process's shard of the training set.
+    ``replica``/``replicas`` select this process's shard of the training set;
+    ``split_seed`` (the run's seed) chooses the held-out validation images.
     """
     device = torch.device(device)
     if replicas < 1 or not 0 <= replica < replicas:
         raise ValueError(f"replica {replica} of {replicas} is invalid")
     check_available(cfg)
     if cfg.name == "imagenet":
-        return build_imagenet(cfg, device, seed, replica, replicas, channels_last)
+        return build_imagenet(cfg, device, seed, replica, replicas, channels_last, split_seed)
 
     if cfg.name == "digits":
         xtr, ytr, xte, yte = load_digits()
         num_classes, pad, flip = 10, 1, False
-        mean, std = channel_stats(xtr)
     elif cfg.name in CIFAR_SPECS:
         spec = CIFAR_SPECS[cfg.name]
         xtr, ytr, xte, yte = load_cifar(spec, cfg)
         num_classes, pad, flip = spec.num_classes, 4, True
-        mean, std = spec.mean, spec.std
     else:  # synthetic (check_available rejected anything else)
         xtr, ytr, xte, yte = load_synthetic(cfg)
         big = min(xtr.shape[2:]) >= 16
         num_classes, pad, flip = cfg.synthetic_classes, 4 if big else 0, big
-        mean, std = channel_stats(xtr)
+    n_val = val_count(cfg, xtr.shape[0])
+    train_idx, val_idx = split_indices(xtr.shape[0], n_val, split_seed)
+    xva, yva = xtr[val_idx], ytr[val_idx]
+    xtr, ytr = xtr[train_idx], ytr[train_idx]
+    if cfg.name in CIFAR_SPECS:
+        mean, std = CIFAR_SPECS[cfg.name].mean, CIFAR_SPECS[cfg.name].std
+    else:
+        mean, std = channel_stats(xtr)  # of the images trained on
     if not cfg.augment:
         pad, flip = 0, False
     if xtr.shape[0] < replicas:
@@ -175,9 +194,9 @@ def build_data(
         )
 
     train = loader(xtr, ytr, cfg.batch_size, train=True)
+    val = loader(xva, yva, cfg.test_batch_size, train=False) if n_val else None
     test = loader(xte, yte, cfg.test_batch_size, train=False)
     # image_size is the height (all built-in datasets are square).
-    info = DataInfo(
-        num_classes, xtr.shape[1], xtr.shape[2], xtr.shape[0], xte.shape[0], tuple(xtr.shape[1:])
-    )
-    return train, test, info
+    info = DataInfo(num_classes, xtr.shape[1], xtr.shape[2], xtr.shape[0], xte.shape[0],
+                    tuple(xtr.shape[1:]), n_val)  # fmt: skip
+    return Data(train, val, test, info)

@@ -6,12 +6,20 @@ are not bit-identical across a resume; the order (DistributedSampler) is.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
 from distgraft.config import DataConfig
-from distgraft.train.data.loaders import DataError, DataInfo, Loader, TorchLoader
+from distgraft.train.data.loaders import (
+    Data,
+    DataError,
+    DataInfo,
+    TorchLoader,
+    split_indices,
+    val_count,
+)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "check_imagenet", "build_imagenet"]
 
@@ -39,8 +47,10 @@ def build_imagenet(
     replica: int,
     replicas: int,
     channels_last: bool,
-) -> tuple[Loader, Loader, DataInfo]:
-    from torch.utils.data import DataLoader, DistributedSampler
+    split_seed: int = 0,
+) -> Data:
+    """The ``Data`` of ImageNet: train/ minus the held-out images, those, and val/ as test."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
     from torchvision import datasets, transforms
 
     check_imagenet(cfg)
@@ -87,14 +97,25 @@ def build_imagenet(
         "pin_memory": device.type == "cuda",
         "persistent_workers": cfg.workers > 0,
     }
+    n_val = val_count(cfg, len(train_set))
+    train_idx, val_idx = split_indices(len(train_set), n_val, split_seed)
+    held_out = copy.copy(train_set)  # the same file list, evaluated without augmentation
+    held_out.transform = evaluate
+    train_part = Subset(train_set, train_idx.tolist())
     sampler = DistributedSampler(
-        train_set, num_replicas=replicas, rank=replica, shuffle=True, seed=seed
+        train_part, num_replicas=replicas, rank=replica, shuffle=True, seed=seed
     )
-    train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
+    train = DataLoader(train_part, batch_size=cfg.batch_size, sampler=sampler, **common)
     test = DataLoader(val_set, batch_size=cfg.test_batch_size, shuffle=False, **common)
-    info = DataInfo(len(train_set.classes), 3, size, len(train_set), len(val_set), (3, size, size))
-    return (
+    val = None
+    if n_val:
+        val = DataLoader(Subset(held_out, val_idx.tolist()), batch_size=cfg.test_batch_size,
+                         shuffle=False, **common)  # fmt: skip
+    info = DataInfo(len(train_set.classes), 3, size, len(train_part), len(val_set),
+                    (3, size, size), n_val)  # fmt: skip
+    return Data(
         TorchLoader(train, device, channels_last, sampler),
+        None if val is None else TorchLoader(val, device, channels_last),
         TorchLoader(test, device, channels_last),
         info,
     )

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distgraft.config import DataConfig
+
 __all__ = [
+    "Data",
     "DataError",
     "DataInfo",
     "Loader",
@@ -23,6 +26,8 @@ __all__ = [
     "TorchLoader",
     "epoch_seed",
     "channel_stats",
+    "val_count",
+    "split_indices",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -43,6 +48,8 @@ class DataInfo:
     test_size: int
     input_shape: tuple[int, ...] = field(default=(), compare=False)
     """(C, H, W) of one model input: what FLOPs are counted for."""
+    val_size: int = 0
+    """Training images held out for validation (not in ``train_size``)."""
 
 
 class Loader(Protocol):
@@ -59,6 +66,47 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches (x float32 normalised, y int64), both on the loader's device."""
         ...
+
+
+# Held-out validation images by default: a tenth of the training set, capped for the large
+# datasets at the usual fixed counts (CIFAR: 5,000 of 50,000; ImageNet: 10,000).
+VAL_CAP = {"cifar10": 5000, "cifar100": 5000, "imagenet": 10000}
+
+
+@dataclass(frozen=True)
+class Data:
+    """The loaders of one replica of one network, and what the model builder needs."""
+
+    train: Loader
+    val: Loader | None
+    """Held-out training images (``data.val_size``); None when it is 0."""
+    test: Loader
+    info: DataInfo
+
+
+def val_count(cfg: DataConfig, train_size: int) -> int:
+    """How many training images ``cfg`` holds out for validation (``data.val_size``)."""
+    if cfg.val_size >= 0:
+        n = cfg.val_size
+    else:
+        n = min(VAL_CAP.get(cfg.name, train_size), train_size // 10)
+    if n >= train_size:
+        raise DataError(
+            f"data.val_size = {cfg.val_size} holds out {n} of the {train_size} training "
+            f"images of {cfg.name}; leave some to train on (-1: the default, 0: none)"
+        )
+    return n
+
+
+def split_indices(train_size: int, val_size: int, split_seed: int) -> tuple[Tensor, Tensor]:
+    """(training indices, validation indices), both sorted: a seeded random choice.
+
+    A pure function of its arguments, so every network of a run and every tool that
+    rebuilds the data from a checkpoint's config holds out the same images.
+    """
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(train_size, generator=g)
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 # --------------------------------------------------------------------------- seeding
