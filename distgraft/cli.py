@@ -17,6 +17,7 @@ COMMANDS = {
     "analyze": "distgraft.tools.analyze",
     "report": "distgraft.tools.report",
     "compress": "distgraft.tools.compress_cli",
+    "export": "distgraft.tools.export",
 }
 
 

@@ -17,12 +17,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "copy_atomic", "load"]
+__all__ = ["save_atomic", "save_bytes_atomic", "copy_atomic", "load"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
     _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write ``data`` (an exported model) to ``path`` with the guarantees of ``save_atomic``."""
+    _write_atomic(path, lambda f: f.write(data))
 
 
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
