@@ -13,12 +13,15 @@ Cases:
 * ``vgg16-a`` and ``resnet56-b``: Li et al.'s presets on freshly initialised 32x32x3
   networks (vgg16_li, resnet56, seed 0): file size and latency do not depend on the
   weights, only on the shapes the preset leaves.
+* ``resnet56-b-x8``: the same layers as resnet56-b, each kept width rounded up to a
+  multiple of 8 (6 -> 8, 22 -> 24, 57 -> 64 filters): more FLOPs than resnet56-b, but
+  widths that fill the 8-wide vector blocks of onnxruntime's CPU conv kernels.
 * ``--pair LABEL BEFORE.pt AFTER.pt`` (repeatable): any two checkpoints distgraft wrote,
   e.g. a trained network and its ``distgraft compress lowrank`` output (low-rank
   approximation needs trained weights: on random ones it keeps nearly the full rank).
 
     python bench/export.py                                   # the presets, ~5 minutes
-    python bench/export.py --no-presets --batches 1 360 \\
+    python bench/export.py --presets --batches 1 360 \\
         --pair lowrank runs/digits_lra/net0/last.pt lra.pt   # checkpoints of your own
 """
 
@@ -45,8 +48,9 @@ from distgraft.tools.export import (
     session,
 )
 
-PRESETS = {"vgg16-a": "vgg16_li", "resnet56-b": "resnet56"}
+PRESETS = {"vgg16-a": "vgg16_li", "resnet56-b": "resnet56", "resnet56-b-x8": "resnet56"}
 CIFAR = (3, 32, 32)
+CLOCKS = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
 
 
 def preset_pair(preset: str) -> tuple[Any, Any, tuple[int, ...]]:
@@ -60,9 +64,27 @@ def preset_pair(preset: str) -> tuple[Any, Any, tuple[int, ...]]:
     before = build_model(PRESETS[preset], 10).eval()
     groups = groups_of(before, CIFAR)
     after = copy.deepcopy(before)
-    keep = select([before], groups, PruneSpec(preset_ratios(preset, before, groups)))
+    ratios = preset_ratios(preset.removesuffix("-x8"), before, groups)
+    if preset.endswith("-x8"):
+        ratios = rounded_up(ratios, groups, 8)
+    keep = select([before], groups, PruneSpec(ratios))
     apply_pruning(after, groups, keep)
     return before, after.eval(), CIFAR
+
+
+def rounded_up(ratios: dict[str, float], groups: list, multiple: int) -> dict[str, float]:
+    """Ratios whose kept widths are those of ``ratios`` rounded up to ``multiple``."""
+    from distgraft.compress.prune import kept_count
+
+    out = {}
+    for g in groups:
+        if g.name in ratios:
+            n = g.channels
+            width = min(n, -(-kept_count(n, ratios[g.name]) // multiple) * multiple)
+            if width < n:
+                out[g.name] = (n - width) / n
+                assert kept_count(n, out[g.name]) == width
+    return out
 
 
 def checkpoint_pair(before: str, after: str) -> tuple[Any, Any, tuple[int, ...]]:
@@ -73,7 +95,7 @@ def checkpoint_pair(before: str, after: str) -> tuple[Any, Any, tuple[int, ...]]
 
 
 def measure(label: str, models: dict[str, Any], shape: tuple[int, ...], batches: list[int],
-            repeats: int, threads: int) -> list[dict]:  # fmt: skip
+            repeats: int, threads: int, clock: str = "wall") -> list[dict]:  # fmt: skip
     """Export, check and time the networks of one case at every batch size."""
     files = {}
     for name, model in models.items():
@@ -97,7 +119,7 @@ def measure(label: str, models: dict[str, Any], shape: tuple[int, ...], batches:
         ticks = cpu_ticks()
         load = os.getloadavg()[0]
         with torch.inference_mode():
-            ms = median_ms(calls, repeats, warmup=3, rounds=3)
+            ms = median_ms(calls, repeats, warmup=3, rounds=3, clock=CLOCKS[clock])
         others = _others_share(ticks, cpu_ticks())
         for name, model in models.items():
             c = count(model, shape)
@@ -110,6 +132,7 @@ def measure(label: str, models: dict[str, Any], shape: tuple[int, ...], batches:
                 "speedup": round(ms[f"eager {name}"] / ms[f"ort {name}"], 2),
                 "after_vs_before": round(ms["ort before"] / ms[f"ort {name}"], 2),
                 "rel_err": float(f"{checks[name].rel_err:.3g}"), "threads": threads,
+                "clock": clock,
                 "repeats": repeats, "load_avg_1min": round(load, 2),
                 "others_cpu_share": others, "cpu": cpu_name(),
                 "torch": torch.__version__, "onnxruntime": _ort_version(),
@@ -139,17 +162,23 @@ def main() -> None:
                         help="intra-op threads of torch and onnxruntime (default: torch's)")
     parser.add_argument("--pair", nargs=3, action="append", default=[],
                         metavar=("LABEL", "BEFORE", "AFTER"))
-    parser.add_argument("--no-presets", action="store_true")
+    parser.add_argument("--presets", nargs="*", choices=PRESETS, default=list(PRESETS),
+                        help="preset cases to run (default: all; none with an empty list)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="thread-cpu: CPU time of the calling thread, for --threads 1 on a "
+                             "busy machine (everything then runs on that thread)")
     args = parser.parse_args()
+    if args.clock == "thread-cpu" and args.threads != 1:
+        parser.error("--clock thread-cpu needs --threads 1")
     torch.set_num_threads(args.threads)
-    cases = [] if args.no_presets else [(p, lambda p=p: preset_pair(p)) for p in PRESETS]
+    cases = [(p, lambda p=p: preset_pair(p)) for p in args.presets]
     cases += [(label, lambda b=b, a=a: checkpoint_pair(b, a)) for label, b, a in args.pair]
     print(json.dumps({"bench": "export", "machine": platform.machine(), "cpu": cpu_name(),
                       "cores": os.cpu_count(), "threads": args.threads}), flush=True)  # fmt: skip
     for label, make in cases:
         before, after, shape = make()
         for row in measure(label, {"before": before, "after": after}, shape, args.batches,
-                           args.repeats, args.threads):  # fmt: skip
+                           args.repeats, args.threads, args.clock):  # fmt: skip
             print(json.dumps(row), flush=True)
 
 

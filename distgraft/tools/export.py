@@ -334,24 +334,26 @@ def compare(model: Any, sess: Any, input_shape: Sequence[int], batch: int) -> Ch
     return relative_error(ort_out, _eager(model, x), batch)
 
 
-def median_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-               rounds: int) -> dict[str, float]:  # fmt: skip
-    """Median wall time per call, in ms, over ``repeats`` timed runs of each.
+def median_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int, rounds: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
+    """Median time per call, in ms, over ``repeats`` timed runs of each.
 
     The calls take turns in ``rounds`` blocks (each block warms up first), so a change in
     the machine's load during the measurement falls on both, not on whichever ran last;
     blocks rather than strict alternation keep one runtime's spinning worker threads out
-    of the other's timed runs.
+    of the other's timed runs. ``clock`` is wall time; with one thread everything runs on
+    the calling thread, and ``time.thread_time`` gives its CPU time instead, which other
+    processes on a busy machine hardly change.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     per_round = math.ceil(repeats / rounds)
     for _ in range(rounds):
         for name, call in calls.items():
             for i in range(warmup + per_round):
-                start = time.perf_counter()
+                start = clock()
                 call()
                 if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
@@ -430,82 +432,107 @@ def _check_batches(batch: int) -> tuple[int, ...]:
     return (1, batch) if batch > 1 else (1, 2)
 
 
-def run_export(args: argparse.Namespace) -> int:
-    require_onnx()
-    check_opset(args.opset)
-    opened = open_model(args.checkpoint)
-    out = prepare_output(args.onnx, args.checkpoint)
-    import torch
-
+def _describe(opened: Opened, say: _Printer) -> dict[str, Any]:
+    """The checkpoint's row: what it holds, its size and cost (and, if sparse, its zeros)."""
     from distgraft.compress.counting import count
-    from distgraft.files import save_bytes_atomic
 
-    say = _Printer(args.json)
-    threads = args.threads or torch.get_num_threads()
     counts = count(opened.model, opened.input_shape)
     shape = "x".join(str(s) for s in opened.input_shape)
-    row: dict[str, Any] = {"checkpoint": opened.path, "kind": opened.kind,
-                           "model": opened.arch["model"], "input_shape": list(opened.input_shape),
-                           "params": counts.params, "flops": counts.flops}  # fmt: skip
     say(f"{opened.path}: {opened.arch['model']}, {KIND_NAMES[opened.kind]}, input {shape}, "
         f"{counts.params:,} params, {counts.flops:,} FLOPs (MACs per image)")  # fmt: skip
+    row: dict[str, Any] = {"checkpoint": opened.path, "kind": opened.kind,
+                           "model": opened.arch["model"], "input_shape": list(opened.input_shape),
+                           "params": counts.params, "flops": counts.flops,
+                           "sparse_as_dense": opened.kind == "sparse"}  # fmt: skip
     if opened.kind == "sparse":
         zeros, total = _zero_share(opened.model)
         row["zero_weights"] = zeros
         say(f"sparse checkpoint: exported dense (ONNX Conv and Gemm take dense weights): the "
             f"file holds all {total:,} conv/linear weights, {zeros:,} of them zero "
             f"({100 * zeros / max(total, 1):.1f}%), and runs at dense speed")  # fmt: skip
-    row["sparse_as_dense"] = opened.kind == "sparse"
+    return row
 
+
+def _export(opened: Opened, opset: int | None, say: _Printer, row: dict) -> Exported:
     say("exporting with torch.onnx.export(dynamo=True) (torch.export + onnxscript), "
         "batch axis dynamic ...")
     start = time.perf_counter()
-    exported = export_onnx(opened.model, opened.input_shape, args.opset)
-    data = exported.data
-    row.update(onnx=str(out), onnx_bytes=len(data), opset=exported.opset,
+    exported = export_onnx(opened.model, opened.input_shape, opset)
+    row.update(onnx_bytes=len(exported.data), opset=exported.opset,
                export_s=round(time.perf_counter() - start, 2), versions=_versions())
-    say(f"exported in {row['export_s']:.1f} s: opset {row['opset']}, {len(data):,} bytes "
-        "with the weights inside")
+    say(f"exported in {row['export_s']:.1f} s: opset {exported.opset}, "
+        f"{len(exported.data):,} bytes with the weights inside")
+    return exported
+
+
+def _checked_session(opened: Opened, exported: Exported, threads: int,
+                     args: argparse.Namespace, say: _Printer, row: dict) -> Any:  # fmt: skip
+    """The onnxruntime session of the file, once it matched eager at both batch sizes."""
+    try:
+        sess = session(exported.data, threads)
+        checks = [compare(opened.model, sess, opened.input_shape, b)
+                  for b in _check_batches(args.batch)]  # fmt: skip
+    except ExportError:
+        raise
+    except Exception as e:  # onnxruntime raises its own classes (Fail, InvalidGraph, ...)
+        raise ExportFailed(f"onnxruntime cannot run the exported file: "
+                           f"{type(e).__name__}: {_brief(str(e))}") from e  # fmt: skip
+    ok = all(c.ok(args.tolerance) for c in checks)
+    row.update(tolerance=args.tolerance, checks=[_plain(c) for c in checks], ok=ok)
+    say(f"onnxruntime {row['versions']['onnxruntime']} against PyTorch eager, same random "
+        "input (float32, CPU):")
+    for c in checks:
+        verdict = "ok" if c.ok(args.tolerance) else "MISMATCH"
+        say(f"  batch {c.batch}: max|ort - eager| {c.max_abs_diff:.3g}, max|eager| "
+            f"{c.max_abs_eager:.3g}, relative {c.rel_err:.3g} (limit {args.tolerance:g}): "
+            f"{verdict}")  # fmt: skip
+    if not ok:
+        if args.json:
+            print(json.dumps(row))
+        raise ExportFailed(_mismatch(checks, args.tolerance, Path(args.onnx)))
+    return sess
+
+
+def _timed(opened: Opened, sess: Any, threads: int, args: argparse.Namespace,
+           say: _Printer) -> dict[str, Any]:  # fmt: skip
+    say(f"timing at batch {args.batch}: {args.repeats} runs each after warm-up, "
+        f"{threads} thread(s) for PyTorch intra-op and onnxruntime intra-op ...")
+    lat = {**latency(opened.model, sess, opened.input_shape, args.batch, repeats=args.repeats),
+           "threads": threads}  # fmt: skip
+    say(f"  PyTorch eager     {lat['eager_ms']:10.3f} ms (median)")
+    say(f"  onnxruntime CPU   {lat['onnxruntime_ms']:10.3f} ms (median, "
+        f"{lat['speedup']:.2f}x eager's speed)")
+    return lat
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` (default: unchanged), restored after."""
+    import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or previous)
     try:
-        try:
-            sess = session(data, threads)
-            checks = [compare(opened.model, sess, opened.input_shape, b)
-                      for b in _check_batches(args.batch)]  # fmt: skip
-        except Exception as e:  # onnxruntime raises its own classes (Fail, InvalidGraph, ...)
-            if isinstance(e, ExportError):
-                raise
-            raise ExportFailed(f"onnxruntime cannot run the exported file: "
-                               f"{type(e).__name__}: {_brief(str(e))}") from e  # fmt: skip
-        ok = all(c.ok(args.tolerance) for c in checks)
-        row.update(tolerance=args.tolerance, checks=[_plain(c) for c in checks], ok=ok)
-        say(f"onnxruntime {row['versions']['onnxruntime']} against PyTorch eager, same random "
-            "input (float32, CPU):")
-        for c in checks:
-            verdict = "ok" if c.ok(args.tolerance) else "MISMATCH"
-            say(f"  batch {c.batch}: max|ort - eager| {c.max_abs_diff:.3g}, max|eager| "
-                f"{c.max_abs_eager:.3g}, relative {c.rel_err:.3g} (limit {args.tolerance:g}): "
-                f"{verdict}")  # fmt: skip
-        if not ok:
-            if args.json:
-                print(json.dumps(row))
-            raise ExportFailed(_mismatch(checks, args.tolerance, out))
-        save_bytes_atomic(data, out)
-        say(f"wrote {out}")
-        row["latency"] = None
-        if args.latency:
-            say(f"timing at batch {args.batch}: {args.repeats} runs each after warm-up, "
-                f"{threads} thread(s) for PyTorch intra-op and onnxruntime intra-op ...")
-            row["latency"] = {**latency(opened.model, sess, opened.input_shape, args.batch,
-                                        repeats=args.repeats), "threads": threads}  # fmt: skip
-            lat = row["latency"]
-            say(f"  PyTorch eager     {lat['eager_ms']:10.3f} ms (median)")
-            say(f"  onnxruntime CPU   {lat['onnxruntime_ms']:10.3f} ms (median, "
-                f"{lat['speedup']:.2f}x eager's speed)")
+        yield threads or previous
     finally:
         torch.set_num_threads(previous)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    require_onnx()
+    check_opset(args.opset)
+    opened = open_model(args.checkpoint)
+    out = prepare_output(args.onnx, args.checkpoint)
+    from distgraft.files import save_bytes_atomic
+
+    say = _Printer(args.json)
+    row = {**_describe(opened, say), "onnx": str(out)}
+    exported = _export(opened, args.opset, say, row)
+    with _torch_threads(args.threads) as threads:
+        sess = _checked_session(opened, exported, threads, args, say, row)
+        save_bytes_atomic(exported.data, out)
+        say(f"wrote {out}")
+        row["latency"] = _timed(opened, sess, threads, args, say) if args.latency else None
     if args.json:
         print(json.dumps(row))
     return 0
