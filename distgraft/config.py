@@ -8,6 +8,7 @@ costs the user one second and exit code 2 instead of a half-started cluster job.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -32,6 +33,10 @@ __all__ = [
     "config_from_toml",
     "to_toml",
     "field_docs",
+    "check_run_dir",
+    "PER_NODE",
+    "agreement_view",
+    "describe_disagreement",
 ]
 
 
@@ -151,6 +156,10 @@ class GraftConfig:
     """noise/internal sources: filters with L1 norm below gamma are invalid and get scions."""
     a_noise: float = 0.9
     """noise source: sigma_t = a_noise ** epoch."""
+    allow_mixed_pruning: bool = False
+    """Graft networks whose model.init checkpoints were pruned differently (other kept
+    channels, same shapes): the ring then mixes filters that do not correspond. Off: such a
+    start stops with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -317,14 +326,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         raise ConfigError(f"{key} = {value!r}: expected an integer")
     if typ is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} = {value!r}: expected a number")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+        return number
     if typ is str:
         if isinstance(value, str):
             return value
@@ -378,7 +388,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
         for section, values in raw.items():
@@ -540,6 +556,70 @@ def _validate_layer_sparsity(c: CompressConfig) -> None:
     _require(worst < 1, key, c.layer_sparsity,
              f"a round would prune {worst:.0%} of a layer (the schedule peaks at {top:.2f}x"
              " its last entry)")  # fmt: skip
+
+
+PER_NODE: tuple[str, ...] = ("telemetry.*", "data.root", "data.workers", "data.cache", "run.dir")
+"""Settings that may differ between the ranks of one run: where a node finds its files and
+what it spends on loading them, and its own telemetry. Every other setting must be the same
+on every rank (a per-node override gone wrong ends otherwise in a crash inside gloo or a
+hang); the ranks compare them at start-up and stop with exit code 2 naming the keys."""
+
+
+def _per_node(key: str) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in PER_NODE)
+
+
+def agreement_view(cfg: Config) -> dict[str, str]:
+    """Every setting that must agree across ranks, as key -> its TOML value."""
+    return {
+        f"{section}.{key}": _toml_value(value)
+        for section in SECTIONS
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items()
+        if not _per_node(f"{section}.{key}")
+    }
+
+
+def describe_disagreement(views: list[dict[str, str]]) -> str:
+    """One line naming each setting the ranks disagree on and its value on each side."""
+    keys = sorted({k for v in views for k in v if len({w.get(k) for w in views}) > 1})
+    parts = []
+    for key in keys:
+        ranks: dict[str, list[int]] = {}
+        for rank, view in enumerate(views):
+            ranks.setdefault(view.get(key, "(unset)"), []).append(rank)
+        sides = "; ".join(f"{value} on {_ranks(r)}" for value, r in ranks.items())
+        parts.append(f"{key} = {sides}")
+    return (
+        f"the ranks of this run were started with different settings: {' | '.join(parts)}. "
+        f"Every setting except {', '.join(PER_NODE)} must be the same on every rank"
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Pre-flight: the run folder exists or can be made, and is writable (ConfigError).
+
+    Checked before any process starts, so that a typo in run.dir costs a second, not a
+    cluster job that trains an epoch and then cannot save it.
+    """
+    import tempfile
+
+    parent, folder = Path(cfg.run.dir), cfg.run_dir
+    for path, key, what in ((parent, "run.dir", cfg.run.dir), (folder, "run.name", cfg.run.name)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key} = {what!r}: {str(path)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"run.dir = {cfg.run.dir!r}: cannot write the run folder {str(folder)!r} "
+            f"({e.strerror or e}); choose a writable run.dir"
+        ) from None
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "copy_atomic", "load"]
+__all__ = ["save_atomic", "copy_atomic", "load", "load_error_message"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -64,3 +64,23 @@ def _fsync_dir(folder: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (tensors and plain containers only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# torch's unpickler ends its refusals with advice to turn the safety off; never pass it on.
+_UNSAFE_ADVICE = ("Re-running `torch.load` with `weights_only` set to `False`",
+                  "Re-running torch.load with weights_only set to False")  # fmt: skip
+
+
+def load_error_message(e: BaseException) -> str:
+    """One short line saying why ``load`` failed, without torch's advice to unpickle freely.
+
+    A file that torch's safe loader refuses holds pickled objects, not only tensors and
+    plain containers: it was not written by distgraft, and loading it unsafely could run
+    code. So the message says that instead of the advice.
+    """
+    text = " ".join(str(e).split())
+    if any(advice in text for advice in _UNSAFE_ADVICE) or "Weights only load failed" in text:
+        return "it holds pickled objects that a weights-only load refuses (not a distgraft file)"
+    if isinstance(e, EOFError) or "failed finding central directory" in text:
+        return "truncated or not a torch file"
+    return f"{type(e).__name__}: {text[:200]}"

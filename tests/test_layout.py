@@ -121,3 +121,10 @@ def test_old_public_paths_still_import() -> None:
     assert layer_entropies is moved_entropies and callable(filter_entropies)
     assert coefficient is moved_coefficient and callable(graft_plan)
     assert ring_exchange is moved_ring
+
+
+def test_the_trainer_knows_no_method() -> None:
+    """Losses, gradient edits and training-time compression are parts in train/ that the
+    trainer calls; it imports nothing from compress/ (nor distill/, when there)."""
+    trainer = PACKAGE / "train" / "trainer.py"
+    assert offending(trainer, ("distgraft.compress", "distgraft.distill")) == []

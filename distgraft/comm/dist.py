@@ -10,6 +10,7 @@ variables mapped like timm does) and alone (world size 1, an in-process store).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -24,6 +25,7 @@ import torch.distributed as dist
 __all__ = [
     "DistInfo",
     "LayoutError",
+    "Disagreement",
     "env_ranks",
     "layout",
     "init_distributed",
@@ -33,6 +35,7 @@ __all__ = [
     "all_reduce_",
     "agree_min",
     "gather_objects",
+    "gather_ints",
     "broadcast_object",
 ]
 
@@ -43,6 +46,40 @@ _TOKEN_KEY = "distgraft/token"
 
 class LayoutError(ValueError):
     """The networks x replicas layout does not fit the world size."""
+
+
+class Disagreement(RuntimeError):
+    """The ranks were started with values that must agree but do not; ``views`` holds each
+    rank's, in rank order, so that every rank can say what differs."""
+
+    def __init__(self, views: list[Any]) -> None:
+        super().__init__("the ranks disagree on values that must be equal")
+        self.views = views
+
+
+_AGREE_KEY = "distgraft/agree"
+
+
+def _agree(store: dist.Store, rank: int, world: int, view: Any, timeout: timedelta) -> None:
+    """Compare ``view`` (JSON-able) across ranks through the rendezvous store.
+
+    Through the store rather than a collective: it runs before the process group exists,
+    so ranks that disagree on the backend, the layout or the wire format fail here, with a
+    message, instead of inside gloo or NCCL.
+    """
+    store.set(f"{_AGREE_KEY}/{rank}", json.dumps(view, sort_keys=True))
+    keys = [f"{_AGREE_KEY}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timeout)
+    except RuntimeError as e:
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise TimeoutError(
+            f"rank {rank}: ranks {missing} did not start within {timeout.total_seconds():.0f} s "
+            f"(they died, or run another command): {e}"
+        ) from e
+    views = [json.loads(store.get(k).decode()) for k in keys]
+    if any(v != views[0] for v in views):
+        raise Disagreement(views)
 
 
 @dataclass(frozen=True)
@@ -168,11 +205,13 @@ def init_distributed(
     backend: str = "auto",
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
+    agree: Any = None,
 ) -> DistInfo:
     """Start the default process group and the per-network groups.
 
     World size 1 without any launcher gets an in-process store, so the rest of the code
-    never special-cases "not distributed".
+    never special-cases "not distributed". ``agree`` (JSON-able, e.g. the settings that
+    must be equal on every rank) is compared across ranks first: ``Disagreement`` if not.
     """
     rank, world, local_rank, source = env_ranks(env)
     network, replica, n, r = layout(rank, world, networks)
@@ -192,6 +231,8 @@ def init_distributed(
             )
         else:
             store = _attempt_store(rank, world, timeout)
+            if agree is not None:
+                _agree(store, rank, world, agree, timeout)
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world, timeout=timeout
             )
@@ -227,10 +268,10 @@ def close() -> None:
 
 @contextlib.contextmanager
 def distributed(
-    networks: int = 0, backend: str = "auto", timeout_s: float = 300.0
+    networks: int = 0, backend: str = "auto", timeout_s: float = 300.0, agree: Any = None
 ) -> Iterator[DistInfo]:
     """``with distributed(...) as info:`` -- tears down on success and on error."""
-    info = init_distributed(networks, backend, timeout_s)
+    info = init_distributed(networks, backend, timeout_s, agree=agree)
     try:
         yield info
     finally:
@@ -279,6 +320,20 @@ def gather_objects(obj: Any, info: DistInfo, timeout_s: float, what: str) -> lis
     every: list[Any] = [None] * info.world_size
     dist.all_gather_object(every, obj)
     return every
+
+
+def gather_ints(values: list[int], info: DistInfo, timeout_s: float, what: str) -> list[list[int]]:
+    """Every rank's short list of integers (all of the same length), in rank order.
+
+    Bounded by ``timeout_s`` like a barrier, which it also is: no rank returns before every
+    rank has called it.
+    """
+    if info.world_size == 1:
+        return [list(values)]
+    t = torch.tensor(values, dtype=torch.long, device=info.device)
+    out = [torch.empty_like(t) for _ in range(info.world_size)]
+    _bounded(dist.all_gather(out, t, async_op=True), timeout_s, what)
+    return [o.tolist() for o in out]
 
 
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:

@@ -42,8 +42,8 @@ SUMMARY_ROW: dict[str, str] = {
 
 SCHEMA: dict[str, dict[str, str]] = {
     "epoch": {
-        "train_loss": "float",
-        "train_acc": "float",
+        "train_loss": "float?",
+        "train_acc": "float?",
         "test_loss": "float?",
         "test_acc": "float?",
         "lr": "float",

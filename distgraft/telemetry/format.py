@@ -30,6 +30,11 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _count(n: int) -> str:
+    """A filter count; negative means not counted (non-finite weights)."""
+    return "-" if n < 0 else str(n)
+
+
 def _val(ev: dict[str, Any]) -> str:
     """"val 97.2% " when the epoch was evaluated on a validation split, else nothing."""
     acc = ev.get("val_acc")
@@ -43,8 +48,9 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
     ep_txt = f"{ep}/{epochs}" if epochs else str(ep)
     if kind == "epoch":
         return (
-            f"net {net} | epoch {ep_txt} | loss {ev['train_loss']:.3f} "
-            f"acc {ev['train_acc']:.1f}% | {_val(ev)}test {_num(ev['test_acc'], '.1f', '%')} | "
+            f"net {net} | epoch {ep_txt} | loss {_num(ev['train_loss'], '.3f')} "
+            f"acc {_num(ev['train_acc'], '.1f', '%')} | {_val(ev)}"
+            f"test {_num(ev['test_acc'], '.1f', '%')} | "
             f"lr {ev['lr']:.4g} | {ev['epoch_s']:.1f} s | {ev['images_per_s']:.0f} img/s"
         )
     if kind == "graft":
@@ -91,15 +97,31 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
         lines.append(
             f"{row['network']:>7}   {row['best_acc']:7.2f}%  {epoch_txt:>7}  "
             f"{_num(row.get('max_test_acc'), '7.2f', '%'):>8}  {row['final_acc']:8.2f}%  "
-            f"{row['invalid_01']:>11}  {row['invalid_001']:>12}"
+            f"{_count(row['invalid_01']):>11}  {_count(row['invalid_001']):>12}"
         )
     lines.append(f"ensemble acc: {_num(ev['ensemble_acc'], '.2f', '%')}")
+    lines += [line for row in sorted(ev["networks"], key=lambda r: r["network"])
+              if (line := _divergence_line(row))]  # fmt: skip
     for row in sorted(ev["networks"], key=lambda r: r["network"]):
         weights, nonzero = row.get("weights"), row.get("nonzero_weights")
         if weights and nonzero is not None and nonzero < weights:
             lines.append(f"network {row['network']}: {nonzero:,} of {weights:,} conv/linear "
                          f"weights nonzero ({weights / max(nonzero, 1):.1f}x fewer)")  # fmt: skip
     return lines
+
+
+def _divergence_line(row: dict[str, Any]) -> str | None:
+    """What became of a network that diverged (None for one that never did)."""
+    epoch = row.get("diverged_epoch")
+    if not isinstance(epoch, int):
+        return None
+    text = f"network {row['network']} diverged (non-finite) after epoch {display_epoch(epoch)}"
+    recovered = row.get("recovered_epoch")
+    if isinstance(recovered, int):
+        return f"{text}, recovered at the graft after epoch {display_epoch(recovered)}"
+    if row.get("stopped"):
+        return f"{text} and stopped training (no peer to recover from)"
+    return f"{text} and did not recover"
 
 
 def start_config(ev: dict[str, Any] | None) -> dict[str, Any]:

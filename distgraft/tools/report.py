@@ -78,7 +78,8 @@ def _plot_accuracy(ax: Any, data: RunData) -> None:
     for net in sorted(data.epochs):
         evs = [data.epochs[net][e] for e in sorted(data.epochs[net])]
         x = [display_epoch(ev["epoch"]) for ev in evs]
-        ax.plot(x, [ev["train_acc"] for ev in evs], "--", color=_color(net), alpha=0.6, lw=1)
+        train = [math.nan if ev["train_acc"] is None else ev["train_acc"] for ev in evs]
+        ax.plot(x, train, "--", color=_color(net), alpha=0.6, lw=1)  # nan: a paused epoch
         tested = [ev for ev in evs if ev["test_acc"] is not None]
         ax.plot(
             [display_epoch(ev["epoch"]) for ev in tested],

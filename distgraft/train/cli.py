@@ -7,12 +7,16 @@ size, missing datasets) is checked before any process group starts and exits wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distgraft.config import (
     SECTIONS,
     Config,
     ConfigError,
+    agreement_view,
+    check_run_dir,
+    describe_disagreement,
     field_docs,
     load_config,
     to_toml,
@@ -93,31 +97,61 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distgraft.comm.dist import LayoutError, distributed
+    """Exit code 2 for bad input (config, data, layout, settings that differ between ranks,
+    checkpoints that cannot be resumed), printed once as one line; 1 when every network
+    diverged; 0 otherwise."""
+    from distgraft.comm.dist import Disagreement, LayoutError, distributed
     from distgraft.train.data import DataError
 
     try:
         cfg = resolve(args)
+        if args.print_config:
+            print(to_toml(cfg))
+            return 0
+        check_run_dir(cfg)
     except (ConfigError, DataError, LayoutError) as e:
-        print(f"distgraft train: error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_toml(cfg))
-        return 0
-    from distgraft.train.run import open_telemetry, start, train
+        return _fail(e, _local_rank() == 0, 2)
+    try:
+        with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s,
+                         agree=agreement_view(cfg)) as info:  # fmt: skip
+            return _train(cfg, info)
+    except Disagreement as e:
+        return _fail(describe_disagreement(e.views), _rank() == 0, 2)
 
-    with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s) as info:
-        telemetry, collector = open_telemetry(cfg, info)
-        trainer = None
-        try:
-            trainer = start(cfg, info, telemetry)
-            train(cfg, info, telemetry, trainer)
-        except BaseException as e:
-            epoch = trainer.epoch if trainer is not None else 0
-            telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
-            raise
-        finally:
-            telemetry.close()
-            if collector is not None:
-                collector.stop()
-    return 0
+
+def _train(cfg: Config, info) -> int:
+    from distgraft.train.checkpoint import ResumeError
+    from distgraft.train.run import open_telemetry, start, train
+    from distgraft.train.trainer import DivergedError
+
+    telemetry, collector = open_telemetry(cfg, info)
+    trainer = None
+    try:
+        trainer = start(cfg, info, telemetry)
+        train(cfg, info, telemetry, trainer)
+        return 0
+    except BaseException as e:
+        epoch = trainer.epoch if trainer is not None else 0
+        telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
+        if isinstance(e, ResumeError | DivergedError):
+            return _fail(e, info.is_main, 2 if isinstance(e, ResumeError) else 1)
+        raise
+    finally:
+        telemetry.close()
+        if collector is not None:
+            collector.stop()
+
+
+def _fail(error: BaseException | str, speak: bool, code: int) -> int:
+    """Print the error as one line from one process only (every rank knows it), return code."""
+    if speak:
+        print(f"distgraft train: error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
