@@ -16,6 +16,7 @@ COMMANDS = {
     "monitor": "distgraft.telemetry.monitor",
     "analyze": "distgraft.tools.analyze",
     "report": "distgraft.tools.report",
+    "compare": "distgraft.tools.compare",
     "compress": "distgraft.tools.compress_cli",
 }
 
