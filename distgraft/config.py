@@ -27,6 +27,7 @@ __all__ = [
     "GraftConfig",
     "CompressConfig",
     "RegularizeConfig",
+    "DistillConfig",
     "TelemetryConfig",
     "DistConfig",
     "load_config",
@@ -218,6 +219,27 @@ class RegularizeConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teachers: tuple[str, ...] = ()
+    """Checkpoints of frozen teachers (any distgraft writes: plain, pruned, decomposed,
+    sparse): every step each network also learns their softened outputs (cultivation, Meng et
+    al. 2020 sec. 3.5, when the networks graft). '{network}' in a path becomes the index."""
+    tau: float = 2.0
+    """Temperature of the distillation term (the paper's 2)."""
+    weight: float = 1.0
+    """L = CE + weight * tau^2 * softCE(student / tau, teachers / tau) (the paper: 1)."""
+    combine: str = "probs"
+    """probs: average the teachers' softened probabilities (the paper) | logits: average
+    their logits, then soften."""
+    mutual: bool = False
+    """Deep Mutual Learning (Zhang et al. 2018): every step each network also learns the
+    other networks' outputs on the same batch (data order and augmentation then come from
+    run.seed, shared by all networks; initialisation and dropout stay per network)."""
+    mutual_weight: float = 1.0
+    """Weight of the mean over peers of KL(p_peer || p_own)."""
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
@@ -234,6 +256,7 @@ class Config:
     graft: GraftConfig = field(default_factory=GraftConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -263,6 +286,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compress.scope": ("layer", "global"),
     "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
     "regularize.force_layers": ("conv", "conv+linear"),
+    "distill.combine": ("probs", "logits"),
 }
 
 
@@ -494,6 +518,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f.force_decay, "must be a number >= 0")  # fmt: skip
     _require(f.force == "none" or f.force_decay > 0, "regularize.force_decay", f.force_decay,
              f"must be > 0 with regularize.force = {f.force!r}")  # fmt: skip
+    k = cfg.distill
+    _require(k.tau > 0, "distill.tau", k.tau, "must be > 0")
+    _require(k.weight >= 0, "distill.weight", k.weight, "must be >= 0")
+    _require(k.mutual_weight >= 0, "distill.mutual_weight", k.mutual_weight, "must be >= 0")
+    _require(all(bool(t) for t in k.teachers), "distill.teachers", k.teachers,
+             "every entry must be a checkpoint path")  # fmt: skip
     if world_size is not None:
         n = g.networks or world_size
         _require(

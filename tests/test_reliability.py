@@ -48,9 +48,9 @@ from distgraft.train.health import Health
 # -- unit: which epoch a restarted run continues from ----------------------------------------
 
 
-def _found(network: int, epochs: dict[int, bool], problems=(), foreign=()) -> Found:
+def _found(network: int, epochs: dict[int, bool], problems=(), refused=()) -> Found:
     cands = {e: Candidate(e, Path(f"net{network}/{e}.pt"), ok) for e, ok in epochs.items()}
-    return Found(network, network, f"net{network}", cands, list(problems), list(foreign))
+    return Found(network, network, f"net{network}", cands, list(problems), list(refused))
 
 
 def test_resume_takes_the_newest_epoch_every_network_can_load() -> None:
@@ -76,7 +76,7 @@ def test_resume_prefers_an_epoch_at_which_some_network_is_finite() -> None:
         ([_found(0, {}, problems=["net0/last.pt cannot be read"]), _found(1, {})],
          "no checkpoint can be resumed from: net0/last.pt"),
         ([_found(0, {1: True}), _found(1, {4: True})], "no epoch in common"),
-        ([_found(0, {3: True}, foreign=["net0/last.pt holds a lenet5 network"]),
+        ([_found(0, {3: True}, refused=["net0/last.pt holds a lenet5 network"]),
           _found(1, {3: True})], "holds a lenet5 network"),
     ],
 )  # fmt: skip
@@ -105,7 +105,7 @@ def test_inspect_names_unreadable_foreign_and_non_finite_files(tmp_path: Path) -
     save_atomic(good, tmp_path / "last.pt")
     save_atomic(_state(model, 3), tmp_path / "prev.pt")
     found = inspect(tmp_path, model.state_dict(), "tiny")
-    assert sorted(found.epochs) == [3, 4] and not found.problems and not found.foreign
+    assert sorted(found.epochs) == [3, 4] and not found.problems and not found.refused
     assert found.epochs[4].finite and found.epochs[4].path == tmp_path / "last.pt"
 
     (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:1000])
@@ -120,7 +120,7 @@ def test_inspect_names_unreadable_foreign_and_non_finite_files(tmp_path: Path) -
     save_atomic({"epoch": 5, "model": other.state_dict(), "arch": {"model": "lenet5"}},
                 tmp_path / "last.pt")  # fmt: skip
     found = inspect(tmp_path, model.state_dict(), "tiny")
-    assert found.foreign == [f"{tmp_path / 'last.pt'} holds a lenet5 network, this run trains tiny"]
+    assert found.refused == [f"{tmp_path / 'last.pt'} holds a lenet5 network, this run trains tiny"]
 
 
 def test_load_errors_never_advise_unsafe_unpickling(tmp_path: Path) -> None:

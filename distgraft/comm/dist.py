@@ -97,6 +97,9 @@ class DistInfo:
     backend: str = "gloo"
     network_group: object | None = field(default=None, compare=False, repr=False)
     """Process group of this network's replicas (for DDP); None when replicas == 1."""
+    replica_group: object | None = field(default=None, compare=False, repr=False)
+    """Process group of replica ``replica`` of every network (ranks j, R + j, 2R + j, ...),
+    for per-step exchanges between networks (mutual learning); None unless asked for."""
 
     def rank_of(self, network: int, replica: int | None = None) -> int:
         """Global rank of ``replica`` (default: this one) of ``network`` (taken mod N)."""
@@ -206,6 +209,7 @@ def init_distributed(
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
     agree: Any = None,
+    replica_groups: bool = False,
 ) -> DistInfo:
     """Start the default process group and the per-network groups.
 
@@ -236,13 +240,18 @@ def init_distributed(
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world, timeout=timeout
             )
-    group = None
+    group = across = None
     for k in range(n):  # every rank must create every group, in the same order
         ranks = list(range(k * r, (k + 1) * r))
         g = dist.new_group(ranks, timeout=timeout) if r > 1 else None
         if k == network:
             group = g
-    return DistInfo(rank, world, local_rank, network, replica, n, r, device, backend, group)
+    for j in range(r) if replica_groups and n > 1 else ():
+        g = dist.new_group([k * r + j for k in range(n)], timeout=timeout)
+        if j == replica:
+            across = g
+    return DistInfo(rank, world, local_rank, network, replica, n, r, device, backend, group,
+                    across)  # fmt: skip
 
 
 def _import_compiler_first() -> None:
@@ -268,10 +277,15 @@ def close() -> None:
 
 @contextlib.contextmanager
 def distributed(
-    networks: int = 0, backend: str = "auto", timeout_s: float = 300.0, agree: Any = None
+    networks: int = 0,
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    agree: Any = None,
+    replica_groups: bool = False,
 ) -> Iterator[DistInfo]:
     """``with distributed(...) as info:`` -- tears down on success and on error."""
-    info = init_distributed(networks, backend, timeout_s, agree=agree)
+    info = init_distributed(networks, backend, timeout_s, agree=agree,
+                            replica_groups=replica_groups)  # fmt: skip
     try:
         yield info
     finally:

@@ -35,6 +35,15 @@ def _count(n: int) -> str:
     return "-" if n < 0 else str(n)
 
 
+def _terms(ev: dict[str, Any]) -> str:
+    """" (ce 0.412 kd 1.107)" when the loss has several parts (distillation, mutual)."""
+    terms = ev.get("train_terms")
+    if not isinstance(terms, dict) or not terms:
+        return ""
+    parts = [f"{k} {v:.3f}" for k, v in terms.items() if isinstance(v, int | float)]
+    return f" ({' '.join(parts)})" if parts else ""
+
+
 def _val(ev: dict[str, Any]) -> str:
     """"val 97.2% " when the epoch was evaluated on a validation split, else nothing."""
     acc = ev.get("val_acc")
@@ -48,7 +57,7 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
     ep_txt = f"{ep}/{epochs}" if epochs else str(ep)
     if kind == "epoch":
         return (
-            f"net {net} | epoch {ep_txt} | loss {_num(ev['train_loss'], '.3f')} "
+            f"net {net} | epoch {ep_txt} | loss {_num(ev['train_loss'], '.3f')}{_terms(ev)} "
             f"acc {_num(ev['train_acc'], '.1f', '%')} | {_val(ev)}"
             f"test {_num(ev['test_acc'], '.1f', '%')} | "
             f"lr {ev['lr']:.4g} | {ev['epoch_s']:.1f} s | {ev['images_per_s']:.0f} img/s"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +105,8 @@ class Found:
     epochs: dict[int, Candidate] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     """Files that exist but cannot be resumed from, with the reason."""
-    foreign: list[str] = field(default_factory=list)
-    """Files that hold another network than this run trains."""
+    refused: list[str] = field(default_factory=list)
+    """Files that belong to another run: another network, or other teachers."""
 
 
 def _finite(tensors: list[Any]) -> bool:
@@ -137,16 +137,21 @@ def _foreign(state: Mapping, expected: Mapping[str, Tensor], model: str) -> str 
     return None
 
 
-def inspect(net_dir: str | Path, expected: Mapping[str, Tensor], model: str,
-            rank: int = 0, network: int = 0) -> Found:  # fmt: skip
+def inspect(
+    net_dir: str | Path,
+    expected: Mapping[str, Tensor],
+    model: str,
+    teachers: Callable[[Any], list[str]] | None = None,
+) -> Found:
     """Load last.pt then prev.pt of ``net_dir`` and say which epochs can be resumed from.
 
-    ``expected`` is the model's state_dict (names and shapes), ``model`` its name.
+    ``expected`` is the model's state_dict (names and shapes), ``model`` its name;
+    ``teachers(recorded)`` says how a checkpoint's recorded teachers differ from this run's.
     """
     from distgraft.files import load_error_message
 
     folder = Path(net_dir)
-    found = Found(rank, network, str(folder))
+    found = Found(0, 0, str(folder))
     for name in ("last.pt", "prev.pt"):
         path = folder / name
         if not path.exists():
@@ -159,7 +164,11 @@ def inspect(net_dir: str | Path, expected: Mapping[str, Tensor], model: str,
             continue
         why = _foreign(state, expected, model)
         if why is not None:
-            found.foreign.append(f"{path} holds {why}")
+            found.refused.append(f"{path} holds {why}")
+            continue
+        changed = teachers(state.get("teachers", [])) if teachers is not None else []
+        if changed:
+            found.refused.append(f"{path}: {'; '.join(changed)}")
             continue
         finite = _finite(list(state["model"].values()) + _optimizer_tensors(state))
         found.epochs.setdefault(epoch, Candidate(epoch, path, finite))
@@ -178,10 +187,10 @@ def choose_epoch(every: list[Found]) -> int:
     The newest epoch that every rank can load, preferring one at which some network is
     finite; nothing at all (a new run folder) starts afresh.
     """
-    foreign = [line for f in every for line in f.foreign]
-    if foreign:
+    refused = sorted({line for f in every for line in f.refused})
+    if refused:
         raise ResumeError(
-            f"the run folder holds checkpoints of another network: {'; '.join(foreign)}; use "
+            f"the run folder holds checkpoints of another run: {'; '.join(refused)}; use "
             "another --run.name, or --run.resume=false to start afresh and overwrite them"
         )
     if not any(f.epochs for f in every):

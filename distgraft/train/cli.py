@@ -90,10 +90,26 @@ def resolve(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, _overrides(args.extra))
     _, world, _, _ = env_ranks()
     validate(cfg, world_size=world)
+    networks = cfg.graft.networks or world
     check_available(cfg.data)
-    check_init(cfg, cfg.graft.networks or world)
+    check_init(cfg, networks)
     check_layers(cfg)
+    check_distill(cfg, networks)
     return cfg
+
+
+def check_distill(cfg: Config, networks: int) -> None:
+    """Pre-flight of [distill]: teachers fit the data, mutual learning has peers."""
+    from distgraft.train.data import data_shape
+    from distgraft.train.distill import check_teachers
+
+    if cfg.distill.mutual and networks < 2:
+        raise ConfigError(
+            f"distill.mutual = true needs at least 2 networks to learn from each other; this "
+            f"run has {networks} (start more processes, or set graft.networks)"
+        )
+    if cfg.distill.teachers:
+        check_teachers(cfg, networks, *data_shape(cfg.data))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(e, _local_rank() == 0, 2)
     try:
         with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s,
-                         agree=agreement_view(cfg)) as info:  # fmt: skip
+                         agree=agreement_view(cfg),
+                         replica_groups=cfg.distill.mutual) as info:  # fmt: skip
             return _train(cfg, info)
     except Disagreement as e:
         return _fail(describe_disagreement(e.views), _rank() == 0, 2)

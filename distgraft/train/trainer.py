@@ -38,6 +38,7 @@ from distgraft.graft.entropy import invalid_filters
 from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
+from distgraft.train.distill import Peers, Teachers
 from distgraft.train.evaluate import evaluate
 from distgraft.train.health import Health
 from distgraft.train.objective import Objective
@@ -155,7 +156,9 @@ class Trainer:
         self.seed = cfg.run.seed + 1000 * info.network
         self.net_dir = cfg.run_dir / f"net{info.network}"
         _seed_everything(self.seed)
-        data = build_data(cfg.data, self.device, self.seed, info.replica, info.replicas,
+        # Mutual learning compares the networks' outputs on the same images: one data order.
+        data_seed = cfg.run.seed if cfg.distill.mutual else self.seed
+        data = build_data(cfg.data, self.device, data_seed, info.replica, info.replicas,
                           cfg.model.channels_last, split_seed=cfg.run.seed)  # fmt: skip
         self.train_loader, self.val_loader, self.test_loader = data.train, data.val, data.test
         self.data_info = d = data.info
@@ -166,7 +169,8 @@ class Trainer:
         self.net = self._wrap(self.model)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
-        self.objective = Objective()
+        self.teachers = self._make_teachers()
+        self.objective = Objective(cfg.distill, self.teachers, self._make_peers())
         self.force = ForceRegularization(cfg.regularize, self.model)
         self.compression = TrainingCompression(cfg.compress, self.model, arch, masks)
         self.health = Health(self.model, self.optimizer)
@@ -200,6 +204,17 @@ class Trainer:
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         cfg, steps = self.cfg, len(self.train_loader)
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps))
+
+    def _make_teachers(self) -> Teachers | None:
+        if not self.cfg.distill.teachers:
+            return None
+        return Teachers(self.cfg.distill, self.info.network, self.device,
+                        self.cfg.model.channels_last)  # fmt: skip
+
+    def _make_peers(self) -> Peers | None:
+        if not self.cfg.distill.mutual or self.info.networks == 1:
+            return None
+        return Peers(self.info, self.cfg.dist.timeout_s)
 
     def _make_grafter(self) -> Grafter | None:
         g = self.cfg.graft
@@ -277,24 +292,39 @@ class Trainer:
         """
         self.net.train()
         self.train_loader.set_epoch(epoch)
+        self.objective.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         start = last_report = time.perf_counter()
+        terms: dict[str, Tensor] = {}
         for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
             loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
+            for name, value in self.objective.terms.items():
+                terms[name] = terms.get(name, 0.0) + value * y.shape[0]
             seen += y.shape[0]
             if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
                 last_report = self._progress(epoch, step + 1, float(loss_sum) / seen, seen, start)
         elapsed = time.perf_counter() - start
-        return self._stats(float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1),
-                           elapsed, seen * self.info.replicas / elapsed)  # fmt: skip
+        stats = self._stats(float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1),
+                            elapsed, seen * self.info.replicas / elapsed)  # fmt: skip
+        if len(terms) > 1:  # the loss has several parts: say what each contributed
+            stats["train_terms"] = {k: float(v) / max(seen, 1) for k, v in terms.items()}
+        return stats
 
     def pause_epoch(self, epoch: int) -> dict:
-        """A diverged network does not train; its lr schedule moves on with the others'."""
-        for _ in range(len(self.train_loader)):
+        """A diverged network does not train; its lr schedule moves on with the others', and
+        with mutual learning it still answers every step's exchange (with NaN: ignored)."""
+        if self.objective.peers is None:
+            for _ in range(len(self.train_loader)):
+                self.scheduler.step()
+            return self._stats(None, None, 0.0, 0.0)
+        self.train_loader.set_epoch(epoch)
+        self.objective.set_epoch(epoch)
+        for _, y in self.train_loader:
+            self.objective.skip(y.shape[0], self.data_info.num_classes, self.device)
             self.scheduler.step()
         return self._stats(None, None, 0.0, 0.0)
 
@@ -398,6 +428,8 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> None:
         """Every network's health, gathered: also the barrier that ends the epoch."""
+        if self.teachers is not None:
+            self.teachers.verify()
         flags = gather_ints([int(self.diverged)], self.info, self.cfg.dist.timeout_s,
                             f"the end of epoch {epoch}")  # fmt: skip
         self.diverged_networks = sorted({r // self.info.replicas for r, (f,) in enumerate(flags)
@@ -429,6 +461,7 @@ class Trainer:
             "record": self.record.state_dict(),
             "rng": checkpoint.rng_state(),
             "config": to_toml(self.cfg),
+            "teachers": self.teachers.record() if self.teachers is not None else [],
             **self.compression.state_dict(),
         }
 
@@ -477,7 +510,9 @@ class Trainer:
             checkpoint.remove_stale(self.net_dir)
         if not self.cfg.run.resume:
             return
-        found = checkpoint.inspect(self.net_dir, self.model.state_dict(), self.arch["model"])
+        teachers = self.teachers.changed if self.teachers is not None else _no_teachers
+        found = checkpoint.inspect(self.net_dir, self.model.state_dict(), self.arch["model"],
+                                   teachers=teachers)  # fmt: skip
         every = checkpoint.gather_found(found, self.info, self.cfg.dist.timeout_s)
         common = checkpoint.choose_epoch(every)
         if common < 0:
@@ -519,6 +554,14 @@ class Trainer:
         y = torch.cat([y for _, y in self.test_loader])
         mean = total[:-1].view_as(logits)
         return float((mean.argmax(1) == y).float().mean() * 100)
+
+
+def _no_teachers(recorded: object) -> list[str]:
+    """Why a checkpoint's teachers differ from none (a run resumed without its teachers)."""
+    if not recorded:
+        return []
+    paths = ", ".join(str(r.get("path")) for r in recorded if isinstance(r, dict))
+    return [f"distill.teachers were {paths}, now none"]
 
 
 def _seed_everything(seed: int) -> None:

@@ -49,6 +49,7 @@ CIFAR files are pickles, read with ``pickle.load`` exactly as torchvision does: 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -93,6 +94,7 @@ __all__ = [
     "TorchLoader",
     "check_available",
     "build_data",
+    "data_shape",
     "val_count",
     "split_indices",
     "epoch_seed",
@@ -126,6 +128,21 @@ def check_available(cfg: DataConfig) -> None:
             f"data.name = {cfg.name!r} is invalid: allowed values are digits, cifar10, "
             "cifar100, imagenet, synthetic"
         )
+
+
+def data_shape(cfg: DataConfig) -> tuple[int, tuple[int, ...]]:
+    """(number of classes, input shape C x H x W) of the model inputs, without loading data.
+
+    What a checkpoint made for this data records (teachers, model.init are checked on it).
+    """
+    if cfg.name == "digits":
+        return 10, (1, 8, 8)
+    if cfg.name in CIFAR_SPECS:
+        return CIFAR_SPECS[cfg.name].num_classes, (3, 32, 32)
+    if cfg.name == "imagenet":
+        classes = [d for d in (Path(cfg.root) / "train").iterdir() if d.is_dir()]
+        return len(classes), (3, cfg.image_size, cfg.image_size)
+    return cfg.synthetic_classes, tuple(cfg.synthetic_shape)
 
 
 def build_data(
