@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from distgraft.comm.dist import DistInfo, all_reduce_, gather_ints
 from distgraft.config import Config, to_toml
-from distgraft.graft.entropy import invalid_filters
+from distgraft.graft.entropy import filter_tail, invalid_filters
 from distgraft.graft.step import Grafter, GraftRecord
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
@@ -272,7 +272,7 @@ class Trainer:
                 self._emit("graft", epoch, **record.event_fields())
             best = False
             if self._evaluate_now(epoch) and not self.diverged:
-                stats.update(self.evaluate_splits())
+                stats.update(self.evaluate_splits(), filters=self.filter_tail())
                 best = self.record.update(epoch, stats["val_acc"], stats["test_acc"])
             self._emit("epoch", epoch, **stats)
             self.save(epoch)
@@ -379,6 +379,14 @@ class Trainer:
             out = {"val_loss": loss, "val_acc": acc}
         test_loss, test_acc, _ = self.evaluate()
         return {**out, "test_loss": test_loss, "test_acc": test_acc}
+
+    def _conv_weights(self) -> list[Tensor]:
+        state = self.model.state_dict()
+        return [state[layer.weight] for layer in self.health.plan.layers if layer.conv]
+
+    def filter_tail(self) -> dict:
+        """The low end of the conv filters' L1 norms (the paper's invalid filters and below)."""
+        return filter_tail(self._conv_weights())
 
     # -- divergence ---------------------------------------------------------------------
     def check_health(self, epoch: int) -> None:
@@ -525,10 +533,8 @@ class Trainer:
 
     # -- the end ------------------------------------------------------------------------
     def summary(self) -> Summary:
-        state = self.model.state_dict()
-        convs = [state[layer.weight] for layer in self.health.plan.layers if layer.conv]
         try:
-            inv01, inv001 = invalid_filters(convs, (0.1, 0.01))
+            inv01, inv001 = invalid_filters(self._conv_weights(), (0.1, 0.01))
         except ValueError:  # non-finite filters: not counted
             inv01 = inv001 = -1
         total, nonzero = weight_counts(self.model)
