@@ -165,6 +165,9 @@ class TelemetryConfig:
     """Where the collector republishes events for monitors (PUB); next free port if taken."""
     max_message_bytes: int = 1 << 20
     """Messages larger than this are dropped by the collector."""
+    auth: str = "curve"
+    """curve: only the run's processes may publish to the collector (per-run CURVE keys,
+    RUN_DIR/telemetry.key); none: any process that reaches telemetry.address may."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compress.scope": ("layer", "global"),
     "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
     "regularize.force_layers": ("conv", "conv+linear"),
+    "telemetry.auth": ("curve", "none"),
 }
 
 

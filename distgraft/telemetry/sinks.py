@@ -16,6 +16,7 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 import zmq
 
+from distgraft.telemetry.auth import ClientKeys
 from distgraft.telemetry.events import make_event, to_plain
 from distgraft.telemetry.format import format_event
 from distgraft.telemetry.wire import normalize_address, pack_event
@@ -120,10 +121,17 @@ class ZmqSink:
     queue in ZeroMQ up to ``sndhwm`` (so a collector that starts late still gets the first
     events); beyond that, or when the collector is slow, ``zmq.Again`` drops the event and
     ``dropped`` counts it. ``linger_ms`` bounds how long ``close`` may wait for the queue.
-    Create it in the process that uses it (ZeroMQ sockets do not survive fork).
+    ``keys`` (the run's client keys) are needed by a collector that authenticates its
+    publishers. Create it in the process that uses it (ZeroMQ sockets do not survive fork).
     """
 
-    def __init__(self, address: str, sndhwm: int = 1000, linger_ms: int = 100) -> None:
+    def __init__(
+        self,
+        address: str,
+        sndhwm: int = 1000,
+        linger_ms: int = 100,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.address = normalize_address(address)
         self.sent = 0
         self.dropped = 0
@@ -132,6 +140,8 @@ class ZmqSink:
         self._sock: zmq.Socket | None = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, linger_ms)
+        if keys is not None:
+            keys.apply(self._sock)
         self._sock.connect(self.address)
 
     def emit(self, event: dict[str, Any]) -> None:

@@ -120,4 +120,6 @@ def run(args: argparse.Namespace) -> int:
             telemetry.close()
             if collector is not None:
                 collector.stop()
+                if (note := collector.stats_line()) is not None:
+                    print(f"distgraft train: {note}", file=sys.stderr, flush=True)
     return 0

@@ -99,6 +99,9 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
 
     Every network lead appends its own lines to metrics.jsonl (one write per line, so
     lines never interleave); zmq is the live view and may drop, the file never does.
+    With ``telemetry.auth = "curve"`` rank 0 makes the run's keys, keeps them in
+    RUN_DIR/telemetry.key (mode 0600) and hands the client keys to the network leads
+    through the process group, since nodes may not share the run folder.
     """
     from distgraft.telemetry import (
         Collector,
@@ -106,7 +109,9 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
         JsonlSink,
         Telemetry,
         ZmqSink,
+        new_keys,
         write_endpoints,
+        write_keys,
     )
 
     sinks: list = []
@@ -117,15 +122,18 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
             sinks.append(ConsoleSink(sys.stdout, epochs=cfg.run.epochs))
         sinks.append(JsonlSink(cfg.run_dir / "metrics.jsonl"))
     if t.zmq:
-        address = None
+        shared = None
         if info.is_main:
             _warn_if_unreachable(t.address)
-            collector = Collector(t.address, t.publish, t.max_message_bytes).start()
-            address = collector.address
+            keys = new_keys() if t.auth == "curve" else None
+            collector = Collector(t.address, t.publish, t.max_message_bytes, keys=keys).start()
+            if keys is not None:
+                write_keys(cfg.run_dir, keys)
             write_endpoints(cfg.run_dir, collector.address, collector.publish_address)
-        address = _share(address, info)
+            shared = (collector.address, keys.client() if keys is not None else None)
+        address, client_keys = _share(shared, info)
         if info.is_network_lead:
-            sinks.append(ZmqSink(address))
+            sinks.append(ZmqSink(address, keys=client_keys))
     return Telemetry(sinks), collector
 
 
@@ -148,12 +156,14 @@ def _warn_if_unreachable(address: str) -> None:
         )
 
 
-def _share(address: str | None, info: DistInfo) -> str:
-    """Rank 0's collector address for everyone; a wildcard host becomes rank 0's name."""
+def _share(shared: tuple | None, info: DistInfo) -> tuple:
+    """Rank 0's collector address and client keys for everyone; a wildcard host becomes
+    rank 0's name."""
     from distgraft.comm.dist import broadcast_object
 
-    addr = str(broadcast_object(address, info))
+    address, keys = broadcast_object(shared, info)
+    addr = str(address)
     for wildcard in ("0.0.0.0", "*"):
         if f"//{wildcard}:" in addr:
             addr = addr.replace(wildcard, os.environ.get("MASTER_ADDR", "127.0.0.1"), 1)
-    return addr
+    return addr, keys
