@@ -168,6 +168,9 @@ class TelemetryConfig:
     auth: str = "curve"
     """curve: only the run's processes may publish to the collector (per-run CURVE keys,
     RUN_DIR/telemetry.key); none: any process that reaches telemetry.address may."""
+    tensorboard: str | bool = "auto"
+    """auto | true | false: each network's lead writes TensorBoard files to RUN_DIR/tb/net{k}
+    (auto: when the tensorboard package is installed; true without it: one warning)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__} values")
         return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
+    if set(get_args(typ)) == {str, bool}:  # "auto" | true | false
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _coerce(key, value, bool)
+        except ConfigError:
+            raise ConfigError(f"{key} = {value!r}: expected auto, true or false") from None
     if typ is bool:
         if isinstance(value, bool):
             return value

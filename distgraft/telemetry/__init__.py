@@ -2,8 +2,9 @@
 
 Every process of a run reports what it does as small dict *events* (``events.SCHEMA``).
 The trainer hands them to a ``Telemetry`` facade (``sinks``), which fans them out to
-sinks: the console (lines from ``format``), an append-only ``metrics.jsonl`` and a ZeroMQ
-PUSH socket towards the ``Collector`` that rank 0 runs (``collector``). The collector
+sinks: the console (lines from ``format``), an append-only ``metrics.jsonl``, TensorBoard
+files (``tensorboard``, written from the same events) and a ZeroMQ PUSH socket towards the
+``Collector`` that rank 0 runs (``collector``). The collector
 validates every message and republishes it on a PUB socket, where any number of
 ``distgraft monitor`` processes (``monitor``) can watch the run live. ``wire`` is the
 msgpack encoding and the one gate every received message passes.
@@ -65,6 +66,7 @@ from distgraft.telemetry.sinks import (
     ZmqSink,
     forget_epochs,
 )
+from distgraft.telemetry.tensorboard import TensorBoardSink
 from distgraft.telemetry.wire import (
     REJECT_REASONS,
     Rejected,
@@ -89,6 +91,7 @@ __all__ = [
     "ConsoleSink",
     "JsonlSink",
     "ZmqSink",
+    "TensorBoardSink",
     "Telemetry",
     "forget_epochs",
     "Collector",

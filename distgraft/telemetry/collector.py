@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import sys
 import threading
 import time
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from distgraft.telemetry.auth import CurveKeys, ZapHandler
 from distgraft.telemetry.events import make_event
@@ -262,7 +262,10 @@ class Collector:
         refused = 0
         with contextlib.suppress(zmq.Again):
             for _ in range(1000):
-                if recv_monitor_message(events, zmq.NOBLOCK)["event"] & _REFUSED:
+                # a monitor message: (uint16 event, uint32 value) in host order, endpoint
+                # (parsed here: zmq.utils.monitor would import asyncio into every command)
+                head = events.recv_multipart(zmq.NOBLOCK)[0]
+                if len(head) >= 6 and struct.unpack("=HI", head[:6])[0] & _REFUSED:
                     refused += 1
         if refused:
             self._count("refused", refused)

@@ -184,6 +184,18 @@ class Telemetry:
                 self._failed(sink, "emit", e)
         return ev
 
+    def forget_epochs(self, start_epoch: int) -> None:
+        """A resume trains the epochs from ``start_epoch`` again: sinks that keep their own
+        history (TensorBoard) hide what they hold of those epochs."""
+        for sink in self.sinks:
+            forget = getattr(sink, "forget_epochs", None)
+            if forget is None:
+                continue
+            try:
+                forget(start_epoch)
+            except Exception as e:
+                self._failed(sink, "forget_epochs", e)
+
     @property
     def dropped(self) -> int:
         """Events the sinks dropped on purpose (a full or absent collector)."""

@@ -32,6 +32,7 @@ def start(cfg: Config, info: DistInfo, telemetry: Telemetry) -> Trainer:
     trainer.resume()
     if cfg.run.resume:
         _forget_retrained_epochs(cfg, info, trainer.start_epoch)
+        telemetry.forget_epochs(trainer.start_epoch)  # TensorBoard drops the same points
     if info.is_main:
         telemetry.emit(
             "start",
@@ -95,10 +96,12 @@ def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]
 
 
 def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | None]:
-    """Sinks for this rank: console and JSONL on network leads, zmq to rank 0's collector.
+    """Sinks for this rank: console, JSONL and TensorBoard on network leads, zmq to rank
+    0's collector.
 
     Every network lead appends its own lines to metrics.jsonl (one write per line, so
-    lines never interleave); zmq is the live view and may drop, the file never does.
+    lines never interleave) and writes its TensorBoard files from the same events; zmq is
+    the live view and may drop, the file never does.
     With ``telemetry.auth = "curve"`` rank 0 makes the run's keys, keeps them in
     RUN_DIR/telemetry.key (mode 0600) and hands the client keys to the network leads
     through the process group, since nodes may not share the run folder.
@@ -113,14 +116,21 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
         write_endpoints,
         write_keys,
     )
+    from distgraft.telemetry.tensorboard import TensorBoardSink, tensorboard_wanted
 
     sinks: list = []
     collector = None
     t = cfg.telemetry
+    tensorboard, warning = tensorboard_wanted(t.tensorboard)
+    if warning and info.is_main:
+        print(f"distgraft train: warning: {warning}", file=sys.stderr, flush=True)
     if info.is_network_lead:
         if t.console:
             sinks.append(ConsoleSink(sys.stdout, epochs=cfg.run.epochs))
         sinks.append(JsonlSink(cfg.run_dir / "metrics.jsonl"))
+        if tensorboard:
+            tb_dir = cfg.run_dir / "tb" / f"net{info.network}"
+            sinks.append(TensorBoardSink(tb_dir, config=to_toml(cfg)))
     if t.zmq:
         shared = None
         if info.is_main:
