@@ -548,3 +548,59 @@ def test_the_key_file_is_private_and_reads_back(tmp_path: Path) -> None:
     path.write_text('{"server_public": "short"}')
     with pytest.raises(ValueError, match="not a distgraft key file"):
         read_keys(tmp_path / "run")
+
+
+# -- bad telemetry addresses stop a run before it starts -----------------------------------
+
+
+def test_preflight_names_the_option_and_the_problem(tmp_path: Path, monkeypatch) -> None:
+    from distgraft.config import ConfigError, TelemetryConfig
+    from distgraft.telemetry.preflight import check_telemetry
+
+    taken = zmq.Context.instance().socket(zmq.PUB)
+    taken.setsockopt(zmq.LINGER, 0)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        cases = {
+            ("address", "tcp://203.0.113.7:0"): "it is not an address of this machine",
+            ("address", "tcp://no-such-host.invalid:0"): "it names no interface",
+            ("address", f"tcp://127.0.0.1:{port}"): "the port is in use",
+            ("address", f"ipc://{tmp_path}/missing/collector"): "its folder does not exist",
+            ("publish", "tcp://203.0.113.7:5558"): "it is not an address of this machine",
+        }
+        for (key, value), why in cases.items():
+            with pytest.raises(ConfigError) as info:
+                check_telemetry(TelemetryConfig(**{key: value}))
+            assert f"telemetry.{key} = {value!r} cannot be bound: {why}" in str(info.value)
+        # a taken publish port is no error: the collector moves to the next free one
+        check_telemetry(TelemetryConfig(publish=f"tcp://127.0.0.1:{port}"))
+        check_telemetry(TelemetryConfig(address="tcp://203.0.113.7:0", zmq=False))
+        check_telemetry(TelemetryConfig(address=f"ipc://{tmp_path}/collector", publish=""))
+    finally:
+        taken.close()
+    c = Collector(f"tcp://127.0.0.1:{port}", publish=None).start()  # the checks let go
+    c.stop()
+    monkeypatch.setattr(zmq, "has", lambda feature: feature != "curve")  # a libzmq without it
+    with pytest.raises(ConfigError, match="telemetry.auth = 'curve' needs a libzmq with CURVE"):
+        check_telemetry(TelemetryConfig())
+    check_telemetry(TelemetryConfig(auth="none"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "--telemetry.address=tcp://127.0.0.1:99999",  # syntax: config validation
+        "--telemetry.address=tcp://203.0.113.7:0",  # another host's: the bind on rank 0
+        "--telemetry.publish=tcp://203.0.113.7:5558",
+    ],
+)
+def test_bad_telemetry_settings_stop_train_with_exit_2(tmp_path: Path, override: str) -> None:
+    from cli_helpers import common, run
+
+    key = override[2:].split("=")[0]
+    cmd = [sys.executable, "-m", "distgraft", "train", *common(tmp_path, "bad", 1), override]
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distgraft train: error: {key} = "), lines
+    assert not (tmp_path / "bad").exists()  # nothing started, nothing written

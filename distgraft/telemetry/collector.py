@@ -4,6 +4,7 @@ run's endpoint file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -21,6 +22,7 @@ from distgraft.telemetry.events import make_event
 from distgraft.telemetry.wire import (
     REJECT_REASONS,
     Rejected,
+    allow_ipv6,
     decode_message,
     normalize_address,
     pack_event,
@@ -324,6 +326,7 @@ class Collector:
 
 def _bind(sock: zmq.Socket, address: str, tries: int) -> str:
     """Bind, moving up to ``tries`` ports up when a fixed TCP port is taken; real endpoint."""
+    allow_ipv6(sock, address)
     split = split_tcp(address)
     candidates = [address]
     if split is not None and split[1] != 0 and tries > 0:
@@ -335,10 +338,11 @@ def _bind(sock: zmq.Socket, address: str, tries: int) -> str:
             sock.bind(candidate)
         except zmq.ZMQError as e:
             if e.errno != zmq.EADDRINUSE:
-                raise OSError(f"cannot bind {candidate}: {e}") from e
+                raise OSError(e.errno, f"cannot bind {candidate}: {e}") from e
             error = e
             continue
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
     raise OSError(
-        f"cannot bind {address}: ports {candidates[0]} .. {candidates[-1]} are in use ({error})"
+        errno.EADDRINUSE,
+        f"cannot bind {address}: ports {candidates[0]} .. {candidates[-1]} are in use ({error})",
     )

@@ -42,7 +42,7 @@ from distgraft.telemetry.format import (
     start_config,
     summary_lines,
 )
-from distgraft.telemetry.wire import Rejected, decode_message, normalize_address
+from distgraft.telemetry.wire import Rejected, allow_ipv6, decode_message, normalize_address
 
 __all__ = ["register", "run", "Board", "resolve_target", "Target", "MonitorError"]
 
@@ -259,6 +259,7 @@ def _open_sub(address: str, max_bytes: int) -> tuple[zmq.Context, zmq.Socket]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    allow_ipv6(sock, address)
     sock.connect(address)
     return ctx, sock
 

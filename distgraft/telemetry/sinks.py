@@ -19,7 +19,7 @@ import zmq
 from distgraft.telemetry.auth import ClientKeys
 from distgraft.telemetry.events import make_event, to_plain
 from distgraft.telemetry.format import format_event
-from distgraft.telemetry.wire import normalize_address, pack_event
+from distgraft.telemetry.wire import allow_ipv6, normalize_address, pack_event
 
 __all__ = ["Sink", "ConsoleSink", "JsonlSink", "ZmqSink", "Telemetry", "forget_epochs"]
 
@@ -142,6 +142,7 @@ class ZmqSink:
         self._sock.setsockopt(zmq.LINGER, linger_ms)
         if keys is not None:
             keys.apply(self._sock)
+        allow_ipv6(self._sock, self.address)
         self._sock.connect(self.address)
 
     def emit(self, event: dict[str, Any]) -> None:

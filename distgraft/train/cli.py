@@ -79,16 +79,19 @@ def _overrides(extra: list[str]) -> list[str]:
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
     from distgraft.comm.dist import env_ranks
+    from distgraft.telemetry.preflight import check_telemetry
     from distgraft.train.data import check_available
     from distgraft.train.sparsity import check_layers
     from distgraft.train.warmstart import check_init
 
     cfg = load_config(args.config, _overrides(args.extra))
-    _, world, _, _ = env_ranks()
+    rank, world, _, _ = env_ranks()
     validate(cfg, world_size=world)
     check_available(cfg.data)
     check_init(cfg, cfg.graft.networks or world)
     check_layers(cfg)
+    if rank == 0:  # where the collector will listen
+        check_telemetry(cfg.telemetry)
     return cfg
 
 
