@@ -40,6 +40,9 @@ _REFUSED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+START_RESEND_S = 0.2
+"""New subscribers get the start event again at most this often (many subscriptions at
+once share one resend), so a storm of subscriptions costs the collector little."""
 STATS_INTERVAL_S = 1.0
 """The collector publishes a ``collector`` event at most this often, when its refused or
 rejected counts changed (so that monitors can show them)."""
@@ -111,6 +114,8 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._start_frame: bytes | None = None  # the latest start event, as received
+        self._start_wanted = False  # a monitor subscribed since the last resend
+        self._next_start = 0.0
         self._epoch = 0  # the latest epoch seen: the stamp of ``collector`` events
         self._published_counts: tuple[int, int] = (0, 0)
         self._next_stats = 0.0
@@ -252,6 +257,7 @@ class Collector:
                     self.last_rejection = f"internal: {type(e).__name__}: {e}"
                     time.sleep(0.01)
                 if pub is not None:
+                    self._resend_start(pub)
                     self._publish_stats(pub)
         finally:
             with contextlib.suppress(zmq.ZMQError):
@@ -273,14 +279,19 @@ class Collector:
             self._count("refused", refused)
 
     def _drain_subscriptions(self, pub: zmq.Socket) -> None:
-        """A new subscriber gets the run's start event again (if there was one)."""
-        subscribed = False
         with contextlib.suppress(zmq.Again):
             for _ in range(100):
-                subscribed |= pub.recv(zmq.NOBLOCK)[:1] == b"\x01"
-        if subscribed and self._start_frame is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                pub.send(self._start_frame, zmq.NOBLOCK)
+                if pub.recv(zmq.NOBLOCK)[:1] == b"\x01":  # a subscription (0: its end)
+                    self._start_wanted = True
+
+    def _resend_start(self, pub: zmq.Socket) -> None:
+        """A new subscriber gets the run's start event again (if there was one)."""
+        now = time.monotonic()
+        if not self._start_wanted or self._start_frame is None or now < self._next_start:
+            return
+        self._start_wanted, self._next_start = False, now + START_RESEND_S
+        with contextlib.suppress(zmq.ZMQError):
+            pub.send(self._start_frame, zmq.NOBLOCK)
 
     def _publish_stats(self, pub: zmq.Socket) -> None:
         now = time.monotonic()
@@ -307,8 +318,8 @@ class Collector:
             return
         self._count("accepted")
         self._epoch = max(self._epoch, event["epoch"])
-        if event["event"] == "start":
-            self._start_frame = frames[0]
+        if event["event"] == "start":  # sent live below to every current subscriber
+            self._start_frame, self._start_wanted = frames[0], False
         if pub is not None:
             with contextlib.suppress(zmq.ZMQError):  # PUB drops for slow subscribers anyway
                 pub.send(frames[0], zmq.NOBLOCK)
