@@ -11,6 +11,7 @@ import ast
 import contextlib
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -170,11 +171,19 @@ class TelemetryConfig:
     zmq: bool = True
     """Push events to the collector (rank 0) for `distgraft monitor`."""
     address: str = "tcp://127.0.0.1:0"
-    """Where the collector receives events (PULL). Port 0 picks a free port."""
+    """Where the collector receives events (PULL): tcp://HOST:PORT (HOST an address or
+    interface of rank 0's machine, * for all; port 0 picks a free port) or ipc://PATH."""
     publish: str = "tcp://127.0.0.1:5558"
-    """Where the collector republishes events for monitors (PUB); next free port if taken."""
+    """Where the collector republishes events for monitors (PUB), same forms; the next free
+    port of the 20 above if taken; empty: no publishing."""
     max_message_bytes: int = 1 << 20
     """Messages larger than this are dropped by the collector."""
+    auth: str = "curve"
+    """curve: only the run's processes may publish to the collector (per-run CURVE keys,
+    RUN_DIR/telemetry.key); none: any process that reaches telemetry.address may."""
+    tensorboard: str | bool = "auto"
+    """auto | true | false: each network's lead writes TensorBoard files to RUN_DIR/tb/net{k}
+    (auto: when the tensorboard package is installed; true without it: one warning)."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +296,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
     "regularize.force_layers": ("conv", "conv+linear"),
     "distill.combine": ("probs", "logits"),
+    "telemetry.auth": ("curve", "none"),
 }
 
 
@@ -332,6 +342,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__} values")
         return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
+    if set(get_args(typ)) == {str, bool}:  # "auto" | true | false
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _coerce(key, value, bool)
+        except ConfigError:
+            raise ConfigError(f"{key} = {value!r}: expected auto, true or false") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -506,6 +523,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, ">= 2")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0")
+    _validate_endpoint("telemetry.address", cfg.telemetry.address, allow_empty=False)
+    _validate_endpoint("telemetry.publish", cfg.telemetry.publish, allow_empty=True)
     _require(
         cfg.telemetry.max_message_bytes >= 1024,
         "telemetry.max_message_bytes",
@@ -532,6 +551,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             g.networks,
             f"must divide the world size {world_size} (replicas = world size / networks)",
         )
+
+
+# tcp://HOST:PORT with HOST a name, an IPv4 address, * or a bracketed IPv6 address; the
+# short forms PORT, :PORT and HOST:PORT mean tcp:// (on 127.0.0.1 without a host).
+_TCP = re.compile(r"(?:tcp://)?(?P<host>[\w.\-*%]*|\[[0-9A-Fa-f:.%\w]+\]):(?P<port>\d{1,5})")
+
+
+def _validate_endpoint(key: str, address: str, allow_empty: bool) -> None:
+    """The syntax of a ZeroMQ endpoint; what only a bind can tell is checked on rank 0
+    before the run starts (``telemetry.preflight``)."""
+    text = address.strip()
+    if allow_empty and not text:
+        return
+    if text.startswith("ipc://"):
+        ok = len(text) > len("ipc://")
+    else:
+        match = _TCP.fullmatch(text if not text.isdigit() else f":{text}")
+        ok = match is not None and int(match["port"]) <= 65535
+    _require(ok, key, address, "use tcp://HOST:PORT (HOST an address or interface of this "
+             "machine, or * for all; PORT 0 to 65535, 0: any free port) or ipc://PATH"
+             + (", or an empty string for none" if allow_empty else ""))  # fmt: skip
 
 
 def _validate_compress(cfg: Config) -> None:

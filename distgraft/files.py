@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,15 @@ import torch
 __all__ = ["save_atomic", "copy_atomic", "load", "load_error_message"]
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
+def save_atomic(
+    obj: Any, path: str | Path, before_replace: Callable[[], None] | None = None
+) -> None:
+    """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half.
+
+    ``before_replace`` runs once the new file is complete on disk, just before it takes
+    ``path``'s place (checkpoint rotation keeps the old file under another name there).
+    """
+    _write_atomic(path, lambda f: torch.save(obj, f), before_replace)
 
 
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
@@ -31,7 +38,9 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
         _write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
-def _write_atomic(path: str | Path, write) -> None:
+def _write_atomic(
+    path: str | Path, write, before_replace: Callable[[], None] | None = None
+) -> None:
     """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +50,8 @@ def _write_atomic(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

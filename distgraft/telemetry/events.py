@@ -94,6 +94,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "run_dir": "str",
         "config": "str",
     },
+    # Published by the collector itself (never written to metrics.jsonl): its counts.
+    "collector": {"received": "int", "accepted": "int", "rejected": "int", "refused": "int"},
 }
 
 # Fields an event may lack (files written by earlier versions) but, when present, must have

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import tomllib
 
 __all__ = [
+    "clean_text",
+    "clean_event",
     "display_epoch",
     "mean",
     "format_event",
@@ -15,6 +18,33 @@ __all__ = [
     "start_config",
     "config_value",
 ]
+
+
+# C0 and C1 controls (ESC, BEL, CR, the 8-bit CSI 0x9b, ...), DEL, Unicode line separators
+# and the bidirectional overrides that can make a terminal show text other than it is.
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f"  # C0, DEL, C1
+    "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidirectional marks and overrides
+    "\u2028\u2029]"  # line and paragraph separators
+)
+_AS_SPACE = frozenset("\t\n\r\x0b\x0c\u2028\u2029")
+
+
+def clean_text(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters removed, line breaks and
+    tabs turned into spaces (so a message stays on its line and cannot forge others)."""
+    return _CONTROLS.sub(lambda m: " " if m.group() in _AS_SPACE else "", text)
+
+
+def clean_event(value: Any) -> Any:
+    """A copy of an event with ``clean_text`` applied to every string in it."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_event(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clean_event(v) for k, v in value.items()}
+    return value
 
 
 def display_epoch(epoch: int) -> int:

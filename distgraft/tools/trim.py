@@ -82,8 +82,12 @@ def _round_config(cfg: Any, args: argparse.Namespace, start: Path, rnd: int) -> 
 
 def _event(out: Path, rnd: int, layers: list[str], counts: Any, acc: float, drop: float) -> None:
     from distgraft.telemetry.sinks import JsonlSink, Telemetry
+    from distgraft.telemetry.tensorboard import TensorBoardSink, tensorboard_available
 
-    with Telemetry([JsonlSink(out / "metrics.jsonl")]) as t:
+    sinks: list = [JsonlSink(out / "metrics.jsonl")]
+    if tensorboard_available():  # the rounds as TensorBoard curves, step = round
+        sinks.append(TensorBoardSink(out / "tb" / "trim"))
+    with Telemetry(sinks) as t:
         t.emit("trim", 0, rnd, round=rnd, layers=layers, params=counts.params,
                flops=counts.flops, test_acc=acc, acc_drop=drop)  # fmt: skip
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +70,25 @@ class ResumeError(RuntimeError):
 
 
 def save_epoch(state: dict, net_dir: str | Path, rotate: bool = True) -> None:
-    """Save a completed epoch as last.pt; with ``rotate`` the previous last.pt becomes prev.pt."""
+    """Save a completed epoch as last.pt; with ``rotate`` the previous last.pt becomes prev.pt.
+
+    last.pt exists at every instant: the new file is written beside it first, then the old
+    one is hard-linked as prev.pt, then the new one renamed over it.
+    """
     net_dir = Path(net_dir)
-    last = net_dir / "last.pt"
-    if rotate and last.exists():
-        os.replace(last, net_dir / "prev.pt")
-    save_atomic(state, last)
+    last, prev = net_dir / "last.pt", net_dir / "prev.pt"
+
+    def keep_previous() -> None:
+        if rotate and last.exists():
+            tmp = prev.with_name(f".prev.pt.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(last, tmp)
+            except OSError:  # a filesystem without hard links: copy instead
+                shutil.copyfile(last, tmp)
+            os.replace(tmp, prev)
+
+    save_atomic(state, last, before_replace=keep_previous)
 
 
 def remove_stale(net_dir: str | Path) -> list[Path]:

@@ -83,18 +83,21 @@ def _overrides(extra: list[str]) -> list[str]:
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
     from distgraft.comm.dist import env_ranks
+    from distgraft.telemetry.preflight import check_telemetry
     from distgraft.train.data import check_available
     from distgraft.train.sparsity import check_layers
     from distgraft.train.warmstart import check_init
 
     cfg = load_config(args.config, _overrides(args.extra))
-    _, world, _, _ = env_ranks()
+    rank, world, _, _ = env_ranks()
     validate(cfg, world_size=world)
     networks = cfg.graft.networks or world
     check_available(cfg.data)
     check_init(cfg, networks)
     check_layers(cfg)
     check_distill(cfg, networks)
+    if rank == 0:  # where the collector will listen
+        check_telemetry(cfg.telemetry)
     return cfg
 
 
@@ -157,6 +160,8 @@ def _train(cfg: Config, info) -> int:
         telemetry.close()
         if collector is not None:
             collector.stop()
+            if (note := collector.stats_line()) is not None:
+                print(f"distgraft train: {note}", file=sys.stderr, flush=True)
 
 
 def _fail(error: BaseException | str, speak: bool, code: int) -> int:
