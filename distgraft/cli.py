@@ -16,7 +16,7 @@ COMMANDS = {
     "monitor": "distgraft.telemetry.monitor",
     "analyze": "distgraft.tools.analyze",
     "report": "distgraft.tools.report",
-    "compress": "distgraft.tools.compress_cli",
+    "compress": "distgraft.tools.compress.cli",
 }
 
 

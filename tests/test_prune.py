@@ -47,7 +47,7 @@ from distgraft.compress.structure import (
     remove,
 )
 from distgraft.models import build_model
-from distgraft.tools.compress_cli import printed
+from distgraft.tools.compress.info import printed
 
 
 @pytest.fixture(autouse=True, scope="module")

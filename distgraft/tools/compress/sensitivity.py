@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
     Loaded,
     accuracy,
+    floats,
     guarded,
     open_checkpoint,
     test_loader,
@@ -201,13 +202,6 @@ def _in_order(rows: list[Row], labels: list[str]) -> list[Row]:
     return sorted(rows, key=lambda r: (labels.index(r.checkpoint), r.position, r.ratio))
 
 
-def _ratios(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from e
-
-
 def register(cmds: argparse._SubParsersAction) -> None:
     p = cmds.add_parser(
         "sensitivity",
@@ -223,7 +217,7 @@ def register(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     p.add_argument("--out", metavar="DIR", help="folder for the CSV, JSON and PNG")
     p.add_argument("--labels", nargs="+", default=[], help="one name per checkpoint")
-    p.add_argument("--ratios", type=_ratios, default=list(DEFAULT_RATIOS), metavar="R,R,...",
+    p.add_argument("--ratios", type=floats, default=list(DEFAULT_RATIOS), metavar="R,R,...",
                    help="fractions of filters to prune (default 0.1,...,0.9)")
     p.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
                    help="only these layers (default: every prunable layer)")

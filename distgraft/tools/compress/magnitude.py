@@ -20,11 +20,11 @@ import os
 import tempfile
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
     Loaded,
-    _common,
     accuracy,
+    add_common_options,
     device_of,
     guarded,
     open_checkpoint,
@@ -179,5 +179,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also prune the first conv (skipped by default: the most sensitive)")
     p.add_argument("--remove-dead", action="store_true",
                    help="remove units left without inputs or outputs (narrower layers)")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=guarded(run_magnitude), needs_out=True)

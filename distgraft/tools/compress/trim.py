@@ -23,7 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import CompressError, guarded, open_checkpoint, test_loader
+from distgraft.tools.compress.common import (
+    CompressError,
+    accuracy,
+    guarded,
+    open_checkpoint,
+    save_step,
+    test_loader,
+)
 
 __all__ = ["register", "trim_layers"]
 
@@ -101,7 +108,6 @@ def run_trim(args: argparse.Namespace) -> int:
     from distgraft.compress.counting import count
     from distgraft.compress.prune import apply_pruning, prune_edits
     from distgraft.compress.structure import groups_of
-    from distgraft.tools.compress_cli import accuracy, save_step
 
     if args.rounds < 1 or args.epochs < 1 or args.layers_per_round < 1:
         raise CompressError("--rounds, --epochs and --layers-per-round must be >= 1")

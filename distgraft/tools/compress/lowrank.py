@@ -17,9 +17,9 @@ import argparse
 import json
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
-    _common,
+    add_common_options,
     before_after,
     device_of,
     guarded,
@@ -109,5 +109,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
                    help="decompose only these convs (default: every conv)")
     p.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="convs left alone")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=guarded(run_lowrank), needs_out=True)
