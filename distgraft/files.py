@@ -10,6 +10,7 @@ checkpoint from elsewhere cannot run code).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "copy_atomic", "load"]
+__all__ = ["save_atomic", "copy_atomic", "load", "load_error"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -64,3 +65,38 @@ def _fsync_dir(folder: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (tensors and plain containers only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+_ADVICE = re.compile(r"weights_only|Re-running|safe_globals|trust|file an issue", re.I)
+"""Sentences of torch's messages that advise, rather than say what is wrong."""
+
+
+def load_error(path: str | Path, error: BaseException) -> str:
+    """A failed ``load`` of ``path`` as one line that says what is wrong with the file.
+
+    torch's own message runs over several lines and advises loading again with
+    weights_only=False, which would run whatever code the file holds; that advice is not
+    passed on. The forbidden class is named, so a user can see what was pickled.
+    """
+    return f"cannot read {str(path)!r}: {_load_reason(error)}"
+
+
+def _load_reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError | IsADirectoryError | PermissionError):
+        return error.strerror or type(error).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled {refused.group(1)}, and checkpoints are read with "
+                "torch.load(weights_only=True), which takes only tensors and plain "
+                "containers")  # fmt: skip
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    if unpickler:
+        return (f"not a file torch.save wrote, or not one weights-only loading accepts "
+                f"({' '.join(unpickler.group(1).split())})")  # fmt: skip
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    detail = " ".join(s for s in sentences if not _ADVICE.search(s))
+    detail = " ".join(detail.split()[:40]) or "no data"
+    if isinstance(error, EOFError | OSError) or "zip archive" in text:
+        return f"the file is empty, cut short or not a torch file ({detail})"
+    return f"{type(error).__name__}: {detail}"

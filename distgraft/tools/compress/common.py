@@ -9,7 +9,9 @@ imports torch at module level: ``distgraft --help`` imports every command module
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,14 @@ __all__ = [
     "Loaded",
     "open_checkpoint",
     "test_loader",
+    "validation_loader",
+    "validation_and_test",
+    "has_validation_split",
     "accuracy",
     "device_of",
     "out_paths",
+    "writable_file",
+    "writable_folder",
     "measure",
     "before_after",
     "save_step",
@@ -99,11 +106,71 @@ def open_checkpoint(path: str) -> Loaded:
 
 
 def test_loader(loaded: Loaded, device: Any, data_root: str | None):
-    """The held-out (test) split of the checkpoint's dataset, on ``device``."""
+    """The test split of the checkpoint's dataset, on ``device``: for reports (``--eval``),
+    never for decisions."""
     from distgraft.train.data import build_data
 
     cfg = loaded.config(data_root)
     return build_data(cfg.data, device, seed=0, split_seed=cfg.run.seed).test
+
+
+def validation_loader(
+    loaded: Loaded, device: Any, data_root: str | None, what: str, quiet: bool = False
+):
+    """The images every decision is taken on (APoZ, trimming's accuracy check, sensitivity).
+
+    The validation split of the checkpoint's run, rebuilt from its stored config: the same
+    run seed holds out the same images, which the run never trained on. A run without one
+    (``data.val_size = 0``, or written before the split existed) trained on every training
+    image; the dataset's default validation size is held out then. One line on stderr
+    (unless ``quiet``: the other ranks) says which images ``what`` is decided on, and that
+    the network has seen them when it has.
+    """
+    return validation_and_test(loaded, device, data_root, what, quiet)[0]
+
+
+def validation_and_test(
+    loaded: Loaded, device: Any, data_root: str | None, what: str, quiet: bool = False
+):
+    """(validation, test) loaders of the checkpoint's dataset, built once (see
+    ``validation_loader``): one to decide on, one to report."""
+    from distgraft.config import with_overrides
+    from distgraft.train.data import build_data
+
+    cfg = loaded.config(data_root)
+    trained_on_all = not has_validation_split(loaded)
+    if trained_on_all:
+        cfg = with_overrides(cfg, data={"val_size": -1})
+    data = build_data(cfg.data, device, seed=0, split_seed=cfg.run.seed)
+    if not quiet:
+        print(_decided_on(loaded, what, data.info.val_size), file=sys.stderr, flush=True)
+    if data.val is None:
+        raise CompressError(f"{loaded.path}: {cfg.data.name} has too few training images to "
+                            f"hold out a validation split for {what}")  # fmt: skip
+    return data.val, data.test
+
+
+def _decided_on(loaded: Loaded, what: str, n: int) -> str:
+    """The line that says which images ``what`` is decided on."""
+    if has_validation_split(loaded):
+        return (f"distgraft compress: {what} on the validation split of {loaded.path} ({n} "
+                "held-out training images)")  # fmt: skip
+    why = "data.val_size = 0" if _stored_val_size(loaded) == 0 else "written before it existed"
+    return (f"distgraft compress: note: {loaded.path} was trained without a validation split "
+            f"({why}): {what} uses {n} of its training images (the default validation size), "
+            "which it trained on")  # fmt: skip
+
+
+def has_validation_split(loaded: Loaded) -> bool:
+    """Whether the checkpoint's run held out validation images it never trained on."""
+    return _stored_val_size(loaded) not in (None, 0)
+
+
+def _stored_val_size(loaded: Loaded) -> int | None:
+    """``data.val_size`` of the checkpoint's run (None: written before the split existed)."""
+    from distgraft.compress.archive import config_of
+
+    return config_of(loaded.state).get("data", {}).get("val_size")
 
 
 def accuracy(model: Any, loader: Any) -> float:
@@ -123,12 +190,57 @@ def device_of(name: str):
 
 
 def out_paths(out: str, n: int) -> list[Path]:
-    """One output per input checkpoint: '{i}' in OUT becomes 0, 1, ... with several."""
+    """One output per input checkpoint: '{i}' in OUT becomes 0, 1, ... with several.
+
+    Each is checked to be a file that can be written (``writable_file``)."""
     if n == 1:
-        return [Path(out.replace("{i}", "0"))]
-    if "{i}" not in out:
+        paths = [Path(out.replace("{i}", "0"))]
+    elif "{i}" not in out:
         raise CompressError(f"{n} checkpoints need an --out with '{{i}}' (e.g. pruned{{i}}.pt)")
-    return [Path(out.replace("{i}", str(i))) for i in range(n)]
+    else:
+        paths = [Path(out.replace("{i}", str(i))) for i in range(n)]
+    for path in paths:
+        writable_file(path)
+    return paths
+
+
+def writable_file(path: Path, option: str = "--out") -> Path:
+    """``path`` if a file can be written there, else CompressError naming ``option``.
+
+    Checked before any work is done (the commands compute everything first, then write):
+    not onto a folder, not under a file, not into a folder this process cannot write. The
+    write itself is atomic, so a good file already at ``path`` is replaced only by a
+    complete new one.
+    """
+    if path.is_dir():
+        raise CompressError(f"{option} {path} is a folder; give a file name, e.g. "
+                            f"{path / 'out.pt'}")  # fmt: skip
+    _writable_folder(path.parent, option, path)
+    return path
+
+
+def writable_folder(path: Path, option: str = "--out") -> Path:
+    """``path`` if it is, or can become, a folder this process writes into."""
+    if path.exists() and not path.is_dir():
+        raise CompressError(f"{option} {path} is a file; give a folder")
+    _writable_folder(path, option, path)
+    return path
+
+
+def _writable_folder(folder: Path, option: str, target: Path) -> None:
+    """The nearest existing folder of ``folder`` must be a folder and take a new file."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CompressError(f"{option} {target}: {existing} is a file, not a folder")
+    try:  # permissions, read-only mounts, quotas: only trying tells
+        fd, probe = tempfile.mkstemp(prefix=".distgraft-probe-", dir=existing)
+    except OSError as e:
+        raise CompressError(f"{option} {target}: cannot write into {existing} "
+                            f"({e.strerror or e})") from None  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
 
 
 def measure(loaded: Loaded, model: Any, args: argparse.Namespace, loader: Any) -> dict:

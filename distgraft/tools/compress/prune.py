@@ -29,6 +29,7 @@ from distgraft.tools.compress.common import (
     out_paths,
     save_step,
     test_loader,
+    validation_and_test,
 )
 
 __all__ = ["register", "run_prune"]
@@ -69,20 +70,39 @@ def _ratios(args: argparse.Namespace, loaded: Loaded, groups: list) -> dict[str,
         if args.ratio is not None or args.stage_ratios or args.layers:
             raise CompressError("--preset sets the ratios; drop --ratio/--stage-ratios/--layers")
         return preset_ratios(args.preset, loaded.model, groups)
-    rule = args.criterion == "invalid" or (args.criterion == "apoz" and args.apoz_rule == "std")
-    ratio = 0.0 if rule and args.ratio is None else args.ratio
-    if ratio is None and not args.stage_ratios:
+    if _threshold_rule(args):
+        return _rule_layers(args, groups)
+    if args.ratio is None and not args.stage_ratios:
         raise CompressError("nothing to prune: give --preset, --ratio or --stage-ratios")
-    ratios = layer_ratios(groups, ratio, args.layers, args.stage_ratios, args.skip)
-    if rule:  # a threshold rule decides per layer; the ratio only names the layers
-        ratios = dict.fromkeys(ratios, 0.0)
-    return ratios
+    return layer_ratios(groups, args.ratio, args.layers, args.stage_ratios, args.skip)
+
+
+def _threshold_rule(args: argparse.Namespace) -> bool:
+    """invalid (L1 below --threshold) and Hu's APoZ rule decide per layer, not by a ratio."""
+    return args.criterion == "invalid" or (args.criterion == "apoz" and args.apoz_rule == "std")
+
+
+def _rule_layers(args: argparse.Namespace, groups: list) -> dict[str, float]:
+    """The layers a threshold rule looks at: --layers, else every default prunable layer
+    (what --list-layers marks), less --skip. Their ratio is unused (0)."""
+    from distgraft.compress.prune import layer_ratios
+
+    if args.ratio is not None or args.stage_ratios:
+        rule = ("--criterion invalid removes every filter below --threshold"
+                if args.criterion == "invalid" else
+                "--apoz-rule std removes every channel above mean + std APoZ")  # fmt: skip
+        raise CompressError(f"{rule} (a threshold rule, per layer): --ratio and --stage-ratios "
+                            "do not apply; choose layers with --layers or --skip")  # fmt: skip
+    layer_ratios(groups, None, args.layers, (), args.skip)  # unknown names fail here
+    chosen = args.layers or [g.name for g in groups if g.default]
+    return {name: 0.0 for name in chosen if name not in args.skip}
 
 
 def _layer_rows(groups: list, keep: dict, numbers: dict[str, int]) -> list[dict]:
     return [
         {"layer": g.name, "number": numbers.get(g.name), "stage": g.stage,
-         "filters": g.channels, "kept": len(keep[g.name]) if g.name in keep else g.channels}
+         "filters": g.channels, "kept": len(keep[g.name]) if g.name in keep else g.channels,
+         "default": g.default}
         for g in groups
     ]  # fmt: skip
 
@@ -102,11 +122,13 @@ def print_layers(rows: list[dict], title: str) -> None:
     print(f"{'layer':<28} {'Li #':>5} {'stage':>5} {'filters':>8} {'kept':>6}")
     for r in rows:
         number = "" if r["number"] is None else r["number"]
-        print(f"{r['layer']:<28} {number:>5} {r['stage']:>5} {r['filters']:>8} {r['kept']:>6}")
+        named = "" if r.get("default", True) else "  (only when named: a residual stream)"
+        print(f"{r['layer']:<28} {number:>5} {r['stage']:>5} {r['filters']:>8} "
+              f"{r['kept']:>6}{named}")  # fmt: skip
 
 
 def print_summary(row: dict[str, Any], out: Path) -> None:
-    def fmt(key: str, scale: str = "") -> str:
+    def fmt(key: str) -> str:
         b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
         if b is None:
             return ""
@@ -116,7 +138,10 @@ def print_summary(row: dict[str, Any], out: Path) -> None:
         tail = f"  (-{pct:.2f}%)" if pct is not None else ""
         return f"{key:<13} {b:>12,} -> {a:>12,}{tail}\n"
 
-    text = "".join(fmt(k) for k in ("params", "paper_params", "flops", "latency_ms", "acc"))
+    text = "".join(fmt(k) for k in ("params", "paper_params", "flops", "latency_ms"))
+    if row.get("acc_before") is not None:
+        label = f"acc ({row['acc_split']})"
+        text += f"{label:<13} {row['acc_before']:>12.2f} -> {row['acc_after']:>12.2f}\n"
     sys.stdout.write(text + f"wrote {out}\n")
 
 
@@ -125,9 +150,9 @@ def run_prune(args: argparse.Namespace) -> int:
     from distgraft.compress.prune import PruneSpec, apply_pruning, prune_edits, select
     from distgraft.compress.structure import groups_of
 
+    outs = [] if args.list_layers else out_paths(args.out, len(args.checkpoints))
     loaded = [open_checkpoint(p) for p in args.checkpoints]
     same_architecture(loaded)
-    outs = [] if args.list_layers else out_paths(args.out, len(loaded))
     first = loaded[0]
     groups = groups_of(first.model, first.input_shape)
     numbers = _numbers(first.model, groups)
@@ -136,26 +161,38 @@ def run_prune(args: argparse.Namespace) -> int:
         return 0
     spec = PruneSpec(_ratios(args, first, groups), args.criterion, args.strategy,
                      args.threshold, args.apoz_rule)  # fmt: skip
-    loader = None
-    if args.eval or args.criterion == "apoz":
-        loader = test_loader(first, device_of(args.device), args.data_root)
+    chosen = [g for g in groups if g.name in spec.ratios]
+    val, test = _loaders(args, first, chosen)
     measured = None
-    if args.criterion == "apoz":
-        measured = [apoz(x.model.to(loader.device), [g for g in groups if g.name in spec.ratios],
-                         loader) for x in loaded]  # fmt: skip
+    if val is not None:  # APoZ: measured on the validation split, for every network
+        measured = [apoz(x.model.to(val.device), chosen, val) for x in loaded]
     keep = select([x.model.cpu() for x in loaded], groups, spec, measured)
     rows = []
     for x, out in zip(loaded, outs, strict=True):
-        before = measure(x, x.model, args, loader if args.eval else None)
+        before = measure(x, x.model, args, test)
         apply_pruning(x.model, groups, keep)
-        after = measure(x, x.model, args, loader if args.eval else None)
+        after = measure(x, x.model, args, test)
         row = {"checkpoint": x.path, "out": str(out), "criterion": args.criterion,
-               **before_after(before, after),
+               **before_after(before, after), "acc_split": "test" if test else None,
                "layers": _layer_rows(groups, keep, numbers)}  # fmt: skip
         save_step(x, out, "pruned", prune_edits(keep), row)
         rows.append(row)
     _report(args, rows)
     return 0
+
+
+def _loaders(args: argparse.Namespace, first: Loaded, chosen: list) -> tuple[Any, Any]:
+    """(validation split for APoZ or None, test split for --eval or None)."""
+    if args.criterion != "apoz":
+        device = device_of(args.device)
+        return None, test_loader(first, device, args.data_root) if args.eval else None
+    streams = [g.name for g in chosen if g.act is None]
+    if streams:
+        raise CompressError(f"APoZ is not defined for {', '.join(streams)}: the channels of a "
+                            "residual stream are a sum, not the output of one activation; use "
+                            "a weight criterion (l1, l2, entropy)")  # fmt: skip
+    val, test = validation_and_test(first, device_of(args.device), args.data_root, "APoZ")
+    return val, test if args.eval else None
 
 
 def _report(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -189,19 +226,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--preset", choices=sorted(PRESETS), help="a network of Li's Table 1")
     how.add_argument("--ratio", type=float, help="fraction of filters to remove, in [0, 1)")
     how.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
-                     help="layers --ratio applies to (default: every prunable layer)")
+                     help="layers --ratio (or a threshold rule) applies to; default: every "
+                          "layer --list-layers shows, except the residual streams of "
+                          "torchvision ResNets (led by the stem conv or a downsample conv), "
+                          "which are pruned only when named")
     how.add_argument("--stage-ratios", type=floats, default=[], metavar="R1,R2,...",
                      help="one ratio per stage (feature-map size), e.g. 0.6,0.3,0.1")
     how.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="layers left alone")
     how.add_argument("--criterion", choices=CRITERIA, default="l1",
-                     help="l1 (Li), l2, entropy (grafting's), apoz (Hu; needs the data), "
-                          "invalid (L1 below --threshold)")
+                     help="l1 (Li), l2, entropy (grafting's), apoz (Hu; measured on the "
+                          "validation split of the checkpoint's run), invalid (every filter "
+                          "with L1 below --threshold)")
     how.add_argument("--strategy", choices=STRATEGIES, default="independent",
                      help="greedy ignores kernels of already removed input maps (Li 3.2)")
     how.add_argument("--threshold", type=float, default=0.01,
                      help="invalid: L1 norm below which a filter goes (default 0.01)")
     how.add_argument("--apoz-rule", choices=("ratio", "std"), default="ratio",
-                     help="apoz: remove the --ratio highest, or all above mean + std (Hu)")
+                     help="apoz: remove the --ratio highest, or every channel above the "
+                          "layer's mean + std (Hu; no --ratio)")
     how.add_argument("--list-layers", action="store_true",
                      help="print the prunable layers (Li's numbers, stages, filters) and exit")
     add_common_options(p)
