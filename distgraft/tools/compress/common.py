@@ -28,6 +28,7 @@ __all__ = [
     "validation_loader",
     "validation_and_test",
     "has_validation_split",
+    "decided_on",
     "accuracy",
     "device_of",
     "out_paths",
@@ -143,21 +144,23 @@ def validation_and_test(
         cfg = with_overrides(cfg, data={"val_size": -1})
     data = build_data(cfg.data, device, seed=0, split_seed=cfg.run.seed)
     if not quiet:
-        print(_decided_on(loaded, what, data.info.val_size), file=sys.stderr, flush=True)
+        print(decided_on(loaded, what, data.info.val_size), file=sys.stderr, flush=True)
     if data.val is None:
         raise CompressError(f"{loaded.path}: {cfg.data.name} has too few training images to "
                             f"hold out a validation split for {what}")  # fmt: skip
     return data.val, data.test
 
 
-def _decided_on(loaded: Loaded, what: str, n: int) -> str:
-    """The line that says which images ``what`` is decided on."""
+def decided_on(loaded: Loaded, what: str, n: int | None = None) -> str:
+    """The line that says which ``n`` images ``what`` is decided on."""
     if has_validation_split(loaded):
-        return (f"distgraft compress: {what} on the validation split of {loaded.path} ({n} "
-                "held-out training images)")  # fmt: skip
+        count = f"{n}" if n is not None else "its"
+        return (f"distgraft compress: {what} on the validation split of {loaded.path} "
+                f"({count} held-out training images)")  # fmt: skip
     why = "data.val_size = 0" if _stored_val_size(loaded) == 0 else "written before it existed"
+    count = f"{n} of its training images" if n is not None else "its training images"
     return (f"distgraft compress: note: {loaded.path} was trained without a validation split "
-            f"({why}): {what} uses {n} of its training images (the default validation size), "
+            f"({why}): {what} uses {count} (as many as the default validation split holds), "
             "which it trained on")  # fmt: skip
 
 

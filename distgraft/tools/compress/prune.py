@@ -40,6 +40,7 @@ examples:
   distgraft compress prune CKPT --ratio 0.5 --layers conv2 conv3 --criterion l2 --out p.pt
   distgraft compress prune CKPT --stage-ratios 0.6,0.3,0.1 --skip layer1.7.conv1 --out p.pt
   distgraft compress prune CKPT --criterion apoz --apoz-rule std --out trimmed.pt
+  distgraft compress prune CKPT --criterion invalid --threshold 0.01 --out p.pt
   distgraft compress prune runs/g/net0/last.pt runs/g/net1/last.pt --ratio 0.3 \\
       --out 'runs/g/pruned{i}.pt'      # one shared choice: the networks stay graftable
   distgraft compress prune CKPT --list-layers

@@ -27,6 +27,7 @@ from distgraft.tools.compress.common import (
     CompressError,
     Loaded,
     accuracy,
+    decided_on,
     floats,
     guarded,
     has_validation_split,
@@ -104,8 +105,7 @@ def analyse(
     for c, i, g in tasks[rank::world]:
         x = loaded[c]
         if c not in loaders:
-            loaders[c] = validation_loader(x, device, data_root, "sensitivity",
-                                           quiet=rank != 0)  # fmt: skip
+            loaders[c] = validation_loader(x, device, data_root, "sensitivity", quiet=True)
             x.model.to(device)
         base = accuracy(x.model, loaders[c])
         curve = layer_curve(x.model, g, ratios, lambda m, c=c: accuracy(m, loaders[c]), criterion)
@@ -196,6 +196,8 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         every = gather_objects(mine, info, args.timeout, "the sensitivity results")
         if info.rank != 0:
             return 0
+    for x in loaded:  # rank 0 may not have evaluated every checkpoint itself
+        print(decided_on(x, "sensitivity"), file=sys.stderr, flush=True)
     rows = _in_order([r for part in every for r in part], labels)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sensitivity.csv")
