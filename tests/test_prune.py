@@ -536,6 +536,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, for the plain pickle
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_load_error_says_what_is_wrong_in_one_line(tmp_path: Path, kind: str) -> None:
     """distgraft.files.load_error: torch's several lines and its advice to load unsafely
