@@ -17,7 +17,7 @@ COMMANDS = {
     "analyze": "distgraft.tools.analyze",
     "report": "distgraft.tools.report",
     "compare": "distgraft.tools.compare",
-    "compress": "distgraft.tools.compress_cli",
+    "compress": "distgraft.tools.compress.cli",
 }
 
 

@@ -10,6 +10,7 @@ checkpoint from elsewhere cannot run code).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "copy_atomic", "load", "load_error_message"]
+__all__ = ["save_atomic", "copy_atomic", "load", "load_error", "load_reason"]
 
 
 def save_atomic(
@@ -77,21 +78,37 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-# torch's unpickler ends its refusals with advice to turn the safety off; never pass it on.
-_UNSAFE_ADVICE = ("Re-running `torch.load` with `weights_only` set to `False`",
-                  "Re-running torch.load with weights_only set to False")  # fmt: skip
+_ADVICE = re.compile(r"weights_only|Re-running|safe_globals|trust|file an issue", re.I)
+"""Sentences of torch's messages that advise, rather than say what is wrong."""
 
 
-def load_error_message(e: BaseException) -> str:
-    """One short line saying why ``load`` failed, without torch's advice to unpickle freely.
+def load_error(path: str | Path, error: BaseException) -> str:
+    """A failed ``load`` of ``path`` as one line that says what is wrong with the file.
 
-    A file that torch's safe loader refuses holds pickled objects, not only tensors and
-    plain containers: it was not written by distgraft, and loading it unsafely could run
-    code. So the message says that instead of the advice.
+    torch's own message runs over several lines and advises loading again with
+    weights_only=False, which would run whatever code the file holds; that advice is not
+    passed on. The forbidden class is named, so a user can see what was pickled.
     """
-    text = " ".join(str(e).split())
-    if any(advice in text for advice in _UNSAFE_ADVICE) or "Weights only load failed" in text:
-        return "it holds pickled objects that a weights-only load refuses (not a distgraft file)"
-    if isinstance(e, EOFError) or "failed finding central directory" in text:
-        return "truncated or not a torch file"
-    return f"{type(e).__name__}: {text[:200]}"
+    return f"cannot read {str(path)!r}: {load_reason(error)}"
+
+
+def load_reason(error: BaseException) -> str:
+    """Why a ``load`` failed, in a few words (no advice to load unsafely)."""
+    if isinstance(error, FileNotFoundError | IsADirectoryError | PermissionError):
+        return error.strerror or type(error).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled {refused.group(1)}, and checkpoints are read with "
+                "torch.load(weights_only=True), which takes only tensors and plain "
+                "containers")  # fmt: skip
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    if unpickler:
+        return (f"not a file torch.save wrote, or not one weights-only loading accepts "
+                f"({' '.join(unpickler.group(1).split())})")  # fmt: skip
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    said = [s for s in sentences if not _ADVICE.search(s)]
+    if isinstance(error, EOFError | OSError) or "zip archive" in text:
+        first = said[0].rstrip(".") if said else ""  # the rest is torch's guessing
+        return "the file is empty, cut short or not a torch file" + (f" ({first})" if first else "")
+    return f"{type(error).__name__}: {' '.join(' '.join(said).split()[:40]) or 'no data'}"

@@ -239,6 +239,22 @@ def test_console_sink_lines() -> None:
     assert len(lines) == 3
 
 
+def test_trim_lines_show_the_validation_drop_and_older_events_still_read() -> None:
+    trim = {"round": 2, "layers": ["conv2"], "params": 9000, "flops": 20000, "test_acc": 96.0}
+    new = make_event("trim", 0, 2, **trim, val_acc=97.5, acc_drop=0.5)
+    old = make_event("trim", 0, 2, **trim, acc_drop=1.0)  # written before the validation split
+    out = io.StringIO()
+    sink = ConsoleSink(out, epochs=5)
+    sink.emit(new)
+    sink.emit(old)
+    assert out.getvalue().splitlines() == [
+        "trim round 2 | conv2 | 9,000 params 20,000 FLOPs | val 97.50% (-0.50) | test 96.00%",
+        "trim round 2 | conv2 | 9,000 params 20,000 FLOPs | test 96.00% (-1.00)",
+    ]
+    with pytest.raises(SchemaError, match="val_acc"):
+        validate_event({**new, "val_acc": "high"})
+
+
 def test_roundtrip_zmqsink_collector_pub(collector: Collector) -> None:
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)

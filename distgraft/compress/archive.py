@@ -31,7 +31,7 @@ from typing import Any
 import tomllib
 from torch import nn
 
-from distgraft.files import load, save_atomic
+from distgraft.files import load, load_error, save_atomic
 from distgraft.models import build_model, is_known_model
 
 __all__ = [
@@ -76,9 +76,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = load(path)
     except Exception as e:  # unpickling refused, torn file, not a torch file at all
-        raise CheckpointError(
-            f"cannot read {str(path)!r} as a distgraft checkpoint ({type(e).__name__}: {e})"
-        ) from e
+        raise CheckpointError(load_error(path, e)) from None
     if not isinstance(state, dict) or not ("model" in state or "sparse" in state):
         raise CheckpointError(
             f"{str(path)!r} is not a distgraft checkpoint (no model weights); expected a file "

@@ -83,7 +83,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "params": "int",
         "flops": "int",
         "test_acc": "float",
-        "acc_drop": "float",
+        "acc_drop": "float",  # below the start, on the validation split (test: older files)
     },
     "warning": {"message": "str"},
     "error": {"message": "str"},
@@ -102,6 +102,7 @@ SCHEMA: dict[str, dict[str, str]] = {
 # these types.
 OPTIONAL: dict[str, dict[str, str]] = {
     "epoch": {"val_loss": "float?", "val_acc": "float?"},
+    "trim": {"val_acc": "float"},
 }
 
 # Extra (unknown) keys may hold any JSON-like value, but not arbitrarily deep ones.

@@ -110,11 +110,12 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
             f"{total:,} weights ({ev['compression']:.1f}x fewer){drop}"
         )
     if kind == "trim":
-        return (
-            f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
-            f"{ev['params']:,} params {ev['flops']:,} FLOPs | test {ev['test_acc']:.2f}% "
-            f"(-{ev['acc_drop']:.2f})"
-        )
+        head = (f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
+                f"{ev['params']:,} params {ev['flops']:,} FLOPs")  # fmt: skip
+        if ev.get("val_acc") is None:  # written before the validation split
+            return f"{head} | test {ev['test_acc']:.2f}% (-{ev['acc_drop']:.2f})"
+        return (f"{head} | val {ev['val_acc']:.2f}% (-{ev['acc_drop']:.2f}) | "
+                f"test {ev['test_acc']:.2f}%")  # fmt: skip
     if kind in ("warning", "error"):
         return f"net {net} | {kind.upper()}: {ev['message']}"
     if kind == "start":

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from distgraft.comm.dist import DistInfo, gather_objects
-from distgraft.files import copy_atomic, load, save_atomic
+from distgraft.files import copy_atomic, load, load_reason, save_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -162,8 +162,6 @@ def inspect(
     ``expected`` is the model's state_dict (names and shapes), ``model`` its name;
     ``teachers(recorded)`` says how a checkpoint's recorded teachers differ from this run's.
     """
-    from distgraft.files import load_error_message
-
     folder = Path(net_dir)
     found = Found(0, 0, str(folder))
     for name in ("last.pt", "prev.pt"):
@@ -174,7 +172,7 @@ def inspect(
             state = load(path)
             epoch = int(state["epoch"])
         except Exception as e:  # torn, truncated, not a torch file, not ours
-            found.problems.append(f"{path} cannot be read ({load_error_message(e)})")
+            found.problems.append(f"{path} cannot be read ({load_reason(e)})")
             continue
         why = _foreign(state, expected, model)
         if why is not None:
