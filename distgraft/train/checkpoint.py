@@ -64,8 +64,12 @@ def available_epochs(net_dir: str | Path) -> dict[int, Path]:
 
 
 def agree_epoch(local: int, device: torch.device, timeout_s: float) -> int:
-    """The latest epoch every rank can resume from: all_reduce MIN (-1: start fresh)."""
-    return agree_min(local, device, timeout_s, "the agreement on the epoch to resume from")
+    """The latest epoch every rank can resume from: all_reduce MIN (-1: start fresh).
+
+    A lost peer's error names the epoch this rank would resume at (``local + 1``).
+    """
+    what = "the agreement on the epoch to resume from"
+    return agree_min(local, device, timeout_s, what, epoch=local + 1)
 
 
 def load_epoch(net_dir: str | Path, epoch: int, map_location: torch.device) -> dict:

@@ -113,11 +113,30 @@ def run(args: argparse.Namespace) -> int:
             trainer = start(cfg, info, telemetry)
             train(cfg, info, telemetry, trainer)
         except BaseException as e:
-            epoch = trainer.epoch if trainer is not None else 0
-            telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
+            epoch = _epoch_at(cfg, info.network, trainer)
+            telemetry.emit("error", info.network, epoch, message=_message(e, info.rank))
             raise
         finally:
             telemetry.close()
             if collector is not None:
                 collector.stop()
     return 0
+
+
+def _epoch_at(cfg: Config, network: int, trainer) -> int:
+    """The epoch an error came in: the trainer's, or before the trainer is ready (while it
+    resumes) the epoch the run continues from: after this network's latest checkpoint."""
+    if trainer is not None:
+        return trainer.epoch
+    if not cfg.run.resume:
+        return 0
+    from distgraft.train.checkpoint import available_epochs
+
+    epochs = available_epochs(cfg.run_dir / f"net{network}")
+    return max(epochs) + 1 if epochs else 0
+
+
+def _message(e: BaseException, rank: int) -> str:
+    """The error's text with "rank N:" once (distgraft's own errors already begin so)."""
+    text = str(e) or type(e).__name__
+    return text if text.startswith(f"rank {rank}:") else f"rank {rank}: {text}"

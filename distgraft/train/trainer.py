@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distgraft.comm.dist import DistInfo, all_reduce_, barrier
+from distgraft.comm.dist import DistInfo, all_reduce_, barrier, replica_guard
 from distgraft.compress.archive import base_arch, save_compressed
 from distgraft.compress.counting import WEIGHTED
 from distgraft.compress.force import add_force_to_grads_, force_layers
@@ -227,7 +227,7 @@ class Trainer:
                 best = self.record.update(epoch, stats["val_acc"], stats["test_acc"])
             self._emit("epoch", epoch, **stats)
             self.save(epoch)
-            barrier(self.info, self.cfg.dist.timeout_s, f"the end of epoch {epoch}")
+            barrier(self.info, self.cfg.dist.timeout_s, "the end-of-epoch barrier", epoch)
             if best:  # after the barrier: best.pt only ever holds an epoch every network saved
                 self.save_best()
         self.save_sparse()
@@ -248,7 +248,8 @@ class Trainer:
         seen = 0
         start = last_report = time.perf_counter()
         for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
-            loss, logits = self._train_step(x, y)
+            with replica_guard(self.info, epoch):  # a lost DDP replica: PeerError naming it
+                loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
@@ -417,7 +418,8 @@ class Trainer:
     def ensemble_accuracy(self) -> float | None:
         """Accuracy of the mean of all networks' test logits (every rank must call this)."""
         _, _, logits = self.evaluate()
-        total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation")
+        total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation",
+                            epoch=self.epoch)  # fmt: skip
         y = torch.cat([y for _, y in self.test_loader])
         return float((total.argmax(1) == y).float().mean() * 100)
 
