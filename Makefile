@@ -40,6 +40,7 @@ bench: $(VENV)/.stamp
 	$(PY) bench/scaling.py
 	$(PY) bench/regularize.py
 	$(PY) bench/compress.py
+	$(PY) bench/restart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -4,12 +4,14 @@
 state, whether the peers' signatures were checked); ``graft_step`` is the one-call form.
 The order of one external graft:
 
-1. mark arrival in the rendezvous store (so a timeout can name who is missing);
-2. first graft only: all ranks compare model signatures (names, shapes, dtypes);
-3. own criterion in one batched pass, all_gather of every rank's criterion vector;
-4. ring exchange of the flat state (own pre-graft weights out, predecessor's in);
-5. alpha from own and predecessor criterion; non-finite tensors are not mixed;
-6. one fused lerp per dtype buffer, and a record for telemetry.
+1. first graft only: all ranks compare model signatures (names, shapes, dtypes);
+2. own criterion in one batched pass, all_gather of every rank's criterion vector;
+3. ring exchange of the flat state (own pre-graft weights out, predecessor's in);
+4. alpha from own and predecessor criterion; non-finite tensors are not mixed;
+5. one fused lerp per dtype buffer, and a record for telemetry.
+
+Each collective marks this rank's arrival in the store first, so that a lost peer is
+named in the PeerError (see ``distgraft.comm.peers``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from distgraft.comm.ring import (
     PendingExchange,
     check_signature,
     gather_criteria,
-    mark_arrival,
     post_exchange,
 )
 from distgraft.config import GraftConfig
@@ -158,7 +159,6 @@ class Grafter:
 
     def _external(self, epoch: int, own_bad: list[bool] | None) -> GraftRecord:
         info, cfg = self.info, self.cfg
-        mark_arrival(epoch)
         self._check_signature(epoch)
         t0 = time.perf_counter()
         pending = self._post(epoch)  # the pre-graft weights travel while we compute

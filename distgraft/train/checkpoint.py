@@ -56,6 +56,7 @@ __all__ = [
     "remove_stale",
     "inspect",
     "gather_found",
+    "newest_epoch",
     "choose_epoch",
     "reconcile_best",
     "rng_state",
@@ -190,7 +191,21 @@ def inspect(
 def gather_found(found: Found, info: DistInfo, timeout_s: float) -> list[Found]:
     """Every rank's findings (with its rank and network filled in), in rank order."""
     found.rank, found.network = info.rank, info.network
-    return gather_objects(found, info, timeout_s, "the agreement on the epoch to resume from")
+    epoch = max(found.epochs) + 1 if found.epochs else 0  # where this network would go on
+    return gather_objects(found, info, timeout_s, "the agreement on the epoch to resume from",
+                          epoch=epoch)  # fmt: skip
+
+
+def newest_epoch(net_dir: str | Path) -> int:
+    """The newest epoch last.pt or prev.pt holds (-1: none readable); reads only the field."""
+    newest = -1
+    for name in ("last.pt", "prev.pt"):
+        path = Path(net_dir) / name
+        try:
+            newest = max(newest, int(torch.load(path, mmap=True, weights_only=True)["epoch"]))
+        except Exception:  # missing, torn or foreign: not an epoch to go on from
+            continue
+    return newest
 
 
 def choose_epoch(every: list[Found]) -> int:

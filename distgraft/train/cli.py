@@ -151,8 +151,8 @@ def _train(cfg: Config, info) -> int:
         train(cfg, info, telemetry, trainer)
         return 0
     except BaseException as e:
-        epoch = trainer.epoch if trainer is not None else 0
-        telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
+        epoch = _epoch_at(cfg, info.network, trainer)
+        telemetry.emit("error", info.network, epoch, message=_message(e, info.rank))
         if isinstance(e, ResumeError | DivergedError):
             return _fail(e, info.is_main, 2 if isinstance(e, ResumeError) else 1)
         raise
@@ -177,3 +177,21 @@ def _rank() -> int:
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def _epoch_at(cfg: Config, network: int, trainer) -> int:
+    """The epoch an error came in: the trainer's, or before the trainer is ready (while it
+    resumes) the epoch the run continues from: after this network's latest checkpoint."""
+    if trainer is not None:
+        return trainer.epoch
+    if not cfg.run.resume:
+        return 0
+    from distgraft.train.checkpoint import newest_epoch
+
+    return newest_epoch(cfg.run_dir / f"net{network}") + 1
+
+
+def _message(e: BaseException, rank: int) -> str:
+    """The error's text with "rank N:" once (distgraft's own errors already begin so)."""
+    text = str(e) or type(e).__name__
+    return text if text.startswith(f"rank {rank}:") else f"rank {rank}: {text}"

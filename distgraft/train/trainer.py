@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distgraft.comm.dist import DistInfo, all_reduce_, gather_ints
+from distgraft.comm.dist import DistInfo, all_reduce_, gather_ints, replica_guard
 from distgraft.config import Config, to_toml
 from distgraft.graft.entropy import filter_tail, invalid_filters
 from distgraft.graft.step import Grafter, GraftRecord
@@ -299,7 +299,8 @@ class Trainer:
         start = last_report = time.perf_counter()
         terms: dict[str, Tensor] = {}
         for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
-            loss, logits = self._train_step(x, y)
+            with replica_guard(self.info, epoch):  # a lost DDP replica: PeerError naming it
+                loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             for name, value in self.objective.terms.items():
@@ -439,7 +440,7 @@ class Trainer:
         if self.teachers is not None:
             self.teachers.verify()
         flags = gather_ints([int(self.diverged)], self.info, self.cfg.dist.timeout_s,
-                            f"the end of epoch {epoch}")  # fmt: skip
+                            "the end-of-epoch barrier", epoch)  # fmt: skip
         self.diverged_networks = sorted({r // self.info.replicas for r, (f,) in enumerate(flags)
                                          if f})  # fmt: skip
         if len(self.diverged_networks) == self.info.networks:
@@ -554,7 +555,8 @@ class Trainer:
         logits = torch.nan_to_num(logits) * float(healthy)
         count = torch.tensor([float(healthy)], device=logits.device)
         both = torch.cat([logits.flatten(), count])
-        total = all_reduce_(both, self.cfg.dist.timeout_s, "the ensemble evaluation")
+        total = all_reduce_(both, self.cfg.dist.timeout_s, "the ensemble evaluation",
+                            epoch=self.epoch)  # fmt: skip
         if float(total[-1]) == 0:
             return None
         y = torch.cat([y for _, y in self.test_loader])
