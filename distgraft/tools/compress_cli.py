@@ -337,6 +337,7 @@ def run_presets(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from distgraft.compress.archive import width_of
     from distgraft.compress.counting import count
 
     x = open_checkpoint(args.checkpoint)
@@ -346,7 +347,8 @@ def run_info(args: argparse.Namespace) -> int:
         edits[e["op"]] = edits.get(e["op"], 0) + 1
     nonzero = sum(int((p != 0).sum()) for p in x.model.parameters())
     info = {"checkpoint": x.path, "kind": x.state.get("kind", "train"),
-            "model": x.arch["model"], "input_shape": list(x.input_shape), "edits": edits,
+            "model": x.arch["model"], "width": width_of(x.arch),
+            "input_shape": list(x.input_shape), "edits": edits,
             "params": c.params, "paper_params": c.paper_params, "flops": c.flops,
             "nonzero_params": nonzero}  # fmt: skip
     if args.json:
@@ -370,7 +372,8 @@ def _floats(text: str) -> list[float]:
 def _common(p: argparse.ArgumentParser, evaluate: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (latency, data)")
-    p.add_argument("--data-root", help="override the checkpoint's data.root (CIFAR, ImageNet)")
+    p.add_argument("--data-root",
+                   help="override the checkpoint's data.root (CIFAR, Fashion-MNIST, ImageNet)")
     p.add_argument("--latency-batch", type=int, default=0, metavar="B",
                    help="also time the forward pass of a batch of B images before and after "
                         "(median of 20)")  # fmt: skip

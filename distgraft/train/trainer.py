@@ -163,8 +163,9 @@ class Trainer:
                 cfg, self.info.network, d.num_classes, d.in_channels
             )
         else:
-            model = build_model(cfg.model.name, d.num_classes, d.in_channels)
-            self.arch = base_arch(cfg.model.name, d.num_classes, d.in_channels, d.input_shape)
+            m = cfg.model
+            model = build_model(m.name, d.num_classes, d.in_channels, m.width)
+            self.arch = base_arch(m.name, d.num_classes, d.in_channels, d.input_shape, m.width)
         model = model.to(self.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
