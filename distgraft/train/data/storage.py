@@ -86,7 +86,13 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with path.open("a") as f:
+    try:
+        f = path.open("a")
+    except OSError as e:
+        raise DataError(
+            f"cannot open the lock file {str(path)!r}: {e}; its folder must be writable"
+        ) from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
