@@ -46,7 +46,8 @@ def stage_widths(width: float = 1.0) -> tuple[int, int, int]:
     """Filters of the three stages (the stem has the first stage's) at ``width``."""
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"width must be a number > 0, got {width}")
-    return tuple(max(1, math.floor(c * width + 0.5)) for c in (16, 32, 64))  # type: ignore[return-value]
+    a, b, c = (max(1, math.floor(filters * width + 0.5)) for filters in (16, 32, 64))
+    return a, b, c
 
 
 def _activation(leaky: bool) -> nn.Module:
