@@ -75,14 +75,27 @@ class ModelConfig:
     """Start from this checkpoint (plain, pruned, decomposed or sparse); '{network}' in the
     path becomes the network's index. Its architecture is kept: a pruned network stays
     pruned. Its base model must be model.name."""
+    width: float = 1.0
+    """Width multiplier of the CIFAR ResNets and mobilenetv2: every conv's filter count x
+    width (ResNets: rounded, at least 1, so 0.5 gives 8/16/32 filters per stage; mobilenetv2:
+    rounded to a multiple of 8 as in its paper, the last 1280-wide conv never narrower).
+    Recorded in every checkpoint; the other models take 1 only."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "cifar10"
-    """digits | cifar10 | cifar100 | imagenet | synthetic."""
-    root: str = "data"
-    """Folder holding the dataset (torchvision layout for CIFAR, train/ and val/ for ImageNet)."""
+    """digits | cifar10 | cifar100 | fashion-mnist | imagenet | synthetic."""
+    root: str = ""
+    """Folder holding the dataset, a per-machine setting: torchvision's layout for CIFAR,
+    train/ and val/ for ImageNet, the four *-ubyte.gz IDX files for Fashion-MNIST. Empty:
+    the dataset's default, 'data' for CIFAR and ImageNet, /usr/share/datasets/fashion-mnist
+    (Debian's dataset-fashion-mnist, installed by make data) for Fashion-MNIST."""
+    cache: str = ""
+    """Writable folder for files derived from the dataset (Fashion-MNIST decompressed, in
+    torchvision's FashionMNIST/raw layout), a per-machine setting. Empty:
+    $XDG_CACHE_HOME/distgraft, else ~/.cache/distgraft. Processes starting at once share it
+    safely (one locked, atomic decompression)."""
     download: bool = False
     """Download CIFAR into root when missing (never done silently)."""
     batch_size: int = 128
@@ -92,11 +105,12 @@ class DataConfig:
     val_size: int = -1
     """Training images held out for validation (seeded by run.seed: the same for every
     network); best.pt and every pruning decision use them, never the test split. -1: the
-    dataset's default (a tenth of the training images, at most 5000 for CIFAR and 10000 for
-    ImageNet); 0: none (best.pt then follows test accuracy, the paper's optimistic
-    convention)."""
+    dataset's default (a tenth of the training images, at most 5000 for CIFAR and
+    Fashion-MNIST and 10000 for ImageNet); 0: none (best.pt then follows test accuracy,
+    the paper's optimistic convention)."""
     augment: bool = True
-    """Random crop (pad 4) and horizontal flip for CIFAR; random-resized crop for ImageNet."""
+    """Random crop (zero padding 4 for CIFAR, 2 for Fashion-MNIST, 1 for digits) and
+    horizontal flip (not for digits); random-resized crop and flip for ImageNet."""
     workers: int = 8
     """DataLoader worker processes (ImageNet only; the other datasets live on the device)."""
     image_size: int = 224
@@ -283,7 +297,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in fields(Config)}
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "cifar10", "cifar100", "imagenet", "synthetic"),
+    "data.name": ("digits", "cifar10", "cifar100", "fashion-mnist", "imagenet", "synthetic"),
     "optim.schedule": ("step", "cosine", "constant"),
     "graft.source": ("external", "noise", "internal", "none"),
     "graft.criterion": ("entropy", "l1"),
@@ -482,7 +496,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value; with ``world_size``, also the networks x replicas layout."""
-    from distgraft.models import MODEL_NAMES, is_known_model
+    from distgraft.models import MODEL_NAMES, WIDTH_MODELS, is_known_model
 
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -495,6 +509,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"use one of {', '.join(MODEL_NAMES)}, or torchvision:ARCH with a torchvision "
         "classification architecture",
     )
+    w = cfg.model.width
+    _require(w > 0 and math.isfinite(w), "model.width", w, "must be a number > 0")
+    _require(w == 1 or cfg.model.name in WIDTH_MODELS, "model.width", w,
+             f"{cfg.model.name} takes width 1 only; a width multiplier applies to "
+             f"{', '.join(WIDTH_MODELS)}")  # fmt: skip
     g, o, r, d = cfg.graft, cfg.optim, cfg.run, cfg.data
     _require(g.a > 0 and g.a < 1, "graft.a", g.a, "must be in (0, 1) so alpha stays in (0, 1)")
     _require(g.c > 0 and math.isfinite(g.c), "graft.c", g.c, "must be a positive number")

@@ -15,11 +15,11 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["save_atomic", "copy_atomic", "load", "load_error", "load_reason"]
+__all__ = ["save_atomic", "copy_atomic", "write_atomic", "load", "load_error", "load_reason"]
 
 
 def save_atomic(
@@ -37,6 +37,11 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy ``src`` to ``dst`` with the guarantees of ``save_atomic``."""
     with open(src, "rb") as f:
         _write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into ``path`` with the guarantees of ``save_atomic`` (any content)."""
+    _write_atomic(path, write)
 
 
 def _write_atomic(

@@ -2,11 +2,11 @@
 
 The usual reason is fine-tuning a compressed network (Li et al. retrain a pruned network at
 a constant lr of 0.001 for 40 epochs; Hu et al. retrain from the surviving weights, not from
-scratch). The checkpoint's recorded architecture is rebuilt (``compress.archive``), so a
-pruned network stays pruned, and everything ``train`` has still applies: N networks and
-their grafting, replicas, resume, telemetry. ``{network}`` in the path gives every network
-its own start (e.g. the networks of a grafting run, pruned with one shared choice so that
-their filters stay aligned).
+scratch). The checkpoint's recorded architecture (base model, width, edits) is rebuilt
+(``compress.archive``), so a pruned network stays pruned, and everything ``train`` has
+still applies: N networks and their grafting, replicas, resume, telemetry. ``{network}``
+in the path gives every network its own start (e.g. the networks of a grafting run, pruned
+with one shared choice so that their filters stay aligned).
 
 Resume wins over init: a run folder with checkpoints continues from them.
 """
@@ -25,6 +25,7 @@ from distgraft.compress.archive import (
     build,
     read_checkpoint,
     weights_of,
+    width_of,
 )
 from distgraft.compress.magnitude import Masks, masks_of_sparse
 from distgraft.config import Config, ConfigError
@@ -47,8 +48,9 @@ def _arch(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def check_init(cfg: Config, networks: int) -> None:
-    """Pre-flight: every network's start checkpoint is readable and of model.name, and
-    networks that graft each other were pruned alike (see ``_check_aligned``)."""
+    """Pre-flight: every network's start checkpoint is readable, of model.name and of
+    model.width, and networks that graft each other were pruned alike
+    (see ``_check_aligned``)."""
     if not cfg.model.init:
         return
     archs = []
@@ -59,6 +61,11 @@ def check_init(cfg: Config, networks: int) -> None:
             raise ConfigError(
                 f"model.init = {str(path)!r} holds a {arch['model']} network but model.name = "
                 f"{cfg.model.name!r}; set --model.name={arch['model']}"
+            )
+        if width_of(arch) != cfg.model.width:
+            raise ConfigError(
+                f"model.init = {str(path)!r} holds a network of width {width_of(arch):g} but "
+                f"model.width = {cfg.model.width:g}; set --model.width={width_of(arch):g}"
             )
         archs.append((path, arch))
     if cfg.graft.source == "external" and networks > 1 and not cfg.graft.allow_mixed_pruning:
@@ -120,5 +127,6 @@ def build_network(
     else a freshly initialised model.name (from the global RNG, seeded by the caller)."""
     if cfg.model.init:
         return load_init(cfg, network, num_classes, in_channels)
-    model = build_model(cfg.model.name, num_classes, in_channels)
-    return model, base_arch(cfg.model.name, num_classes, in_channels, input_shape), None
+    m = cfg.model
+    model = build_model(m.name, num_classes, in_channels, m.width)
+    return model, base_arch(m.name, num_classes, in_channels, input_shape, m.width), None

@@ -297,7 +297,8 @@ def add_common_options(p: argparse.ArgumentParser, evaluate: bool = True) -> Non
     """--json, --device, --data-root, --latency-batch (and --eval) of the one-shot commands."""
     p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (latency, data)")
-    p.add_argument("--data-root", help="override the checkpoint's data.root (CIFAR, ImageNet)")
+    p.add_argument("--data-root",
+                   help="override the checkpoint's data.root (CIFAR, Fashion-MNIST, ImageNet)")
     p.add_argument("--latency-batch", type=int, default=0, metavar="B",
                    help="also time the forward pass of a batch of B images before and after "
                         "(median of 20)")  # fmt: skip

@@ -13,6 +13,7 @@ __all__ = ["register", "run_info", "run_presets", "preset_rows", "printed"]
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from distgraft.compress.archive import width_of
     from distgraft.compress.counting import count
 
     x = open_checkpoint(args.checkpoint)
@@ -22,7 +23,8 @@ def run_info(args: argparse.Namespace) -> int:
         edits[e["op"]] = edits.get(e["op"], 0) + 1
     nonzero = sum(int((p != 0).sum()) for p in x.model.parameters())
     info = {"checkpoint": x.path, "kind": x.state.get("kind", "train"),
-            "model": x.arch["model"], "input_shape": list(x.input_shape), "edits": edits,
+            "model": x.arch["model"], "width": width_of(x.arch),
+            "input_shape": list(x.input_shape), "edits": edits,
             "params": c.params, "paper_params": c.paper_params, "flops": c.flops,
             "nonzero_params": nonzero}  # fmt: skip
     if args.json:
