@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import DIGITS, ROOT, common, env, events, run, torchrun_cmd
+from cli_helpers import DIGITS, ROOT, common, env, events, run, torchrun_cmd, worker_with_rank
 from dist_helpers import shared_pool, values
 
 from distgraft.comm.dist import DistInfo
@@ -247,22 +247,6 @@ def test_every_method_trains_with_and_without_grafting_in_every_layout(
 # -- end to end under torchrun ----------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
-
-
-def _worker_with_rank(agent: int, rank: int) -> int | None:
-    for pid in _children(agent):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_cultivation_with_mutual_learning_resumes_after_kill_9_bit_identically(tmp_path) -> None:
@@ -280,7 +264,7 @@ def test_cultivation_with_mutual_learning_resumes_after_kill_9_bit_identically(t
     deadline = time.time() + 200
     while not first.exists() and time.time() < deadline and agent.poll() is None:
         time.sleep(0.02)
-    victim = _worker_with_rank(agent.pid, 1)
+    victim = worker_with_rank(agent.pid, 1)
     assert victim is not None, "worker of rank 1 not found"
     os.kill(victim, signal.SIGKILL)
     out, _ = agent.communicate(timeout=300)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
+from cli_helpers import ROOT, common, env, events, run, torchrun_cmd, worker_with_rank
 
 from distgraft.config import Config, with_overrides
 from distgraft.train.trainer import lr_factor, network_lr
@@ -100,30 +100,6 @@ def test_source_none_trains_networks_independently(tmp_path):
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # different seeds, no mixing
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d.name))
-    return out
-
-
-def _worker_with_rank(agent: int, rank: int) -> int | None:
-    for pid in _children(agent):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_kill_9_worker_resumes_to_the_same_weights(tmp_path):
@@ -138,7 +114,7 @@ def test_kill_9_worker_resumes_to_the_same_weights(tmp_path):
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline and agent.poll() is None:
         time.sleep(0.02)
-    victim = _worker_with_rank(agent.pid, 1)
+    victim = worker_with_rank(agent.pid, 1)
     assert victim is not None, "worker of rank 1 not found"
     os.kill(victim, signal.SIGKILL)
     out, _ = agent.communicate(timeout=300)
