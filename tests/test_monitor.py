@@ -370,7 +370,7 @@ def test_a_forged_summary_cannot_end_the_monitor() -> None:
             stranger.emit(epoch_event(99, 0))
             assert wait_for(lambda: collector.stats()["refused"] >= 1)
             # the collector publishes its counts; the monitor's footer shows them
-            mon.until("collector refused ", ping(run_sink, "still running"))
+            mon.until("collector refused ", ping(run_sink, "still running"), timeout=60.0)
             assert mon.thread.is_alive() and "final summary" not in mon.output
             run_sink.emit(summary_event())
             assert mon.wait() == 0, mon.output
