@@ -3,8 +3,8 @@
 Compares, in one process and one run, on the graft plan's weights (conv + linear) of
 ResNet-56 (CIFAR) and ResNet-50 (torchvision):
 
-* ``distgraft``: ``distgraft.entropy.layer_entropies``: all layers' min/max in one host sync,
-  then per layer a bin index and one bincount, one entropy over all counts;
+* ``distgraft``: ``distgraft.graft.entropy.layer_entropies``: all layers' min/max in one
+  host sync, then per layer a bin index and one bincount, one entropy over all counts;
 * ``reference``: the authors' style: per layer ``.min().item()``/``.max().item()``, then a
   Python loop over the bins with two comparisons and a ``.sum().item()`` each (one host sync
   per bin), then the entropy in Python;

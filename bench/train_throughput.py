@@ -1,7 +1,9 @@
 """Training throughput: distgraft's loop vs a reference-style loop, same model, same device.
 
-For each model (ResNet-32, MobileNetV2) on CIFAR-shaped synthetic data (50000 uint8 images,
-3x32x32, 10 classes), in one process and one run, images/s of:
+Cases: ResNet-32 and MobileNetV2 on CIFAR-shaped synthetic data (50000 uint8 images,
+3x32x32, 10 classes), and ResNet-20 at width 0.5 on the real Fashion-MNIST (60000 images,
+1x28x28, from Debian's dataset-fashion-mnist; ``make data``). For each, in one process and
+one run, images/s of:
 
 a. ``distgraft``: a ``Trainer`` on the synthetic dataset (uint8 images held on the device,
    random crop pad 4 + flip as batched tensor ops, loss/accuracy accumulated on the device),
@@ -10,7 +12,11 @@ b. ``reference``: the authors' style (kuangliu pytorch-cifar): a Dataset over th
    images as HWC numpy arrays -> PIL -> torchvision RandomCrop(32, padding=4),
    RandomHorizontalFlip, ToTensor, Normalize; DataLoader(batch_size=128, shuffle=True,
    num_workers=2); fp32; the same architecture; SGD(lr 0.1, momentum 0.9, wd 5e-4);
-   ``loss.item()`` and ``correct.item()`` every step.
+   ``loss.item()`` and ``correct.item()`` every step. For Fashion-MNIST the Dataset is
+   torchvision's ``FashionMNIST`` over the very files distgraft decompressed into its cache
+   (a temporary ``data.cache``), with RandomCrop(28, padding=2) and the training set's
+   mean/std, as distgraft augments and normalises it; both sides train on all 60000 images
+   (``data.val_size = 0``).
 
 Both sides get the same ``torch.set_num_threads`` (reported as ``torch_threads``); the
 reference's 2 DataLoader workers (1 thread each, torch's default inside workers) compete
@@ -31,10 +37,12 @@ counts), i.e. everything but the wire transfer (``bench/scaling.py`` times real 
 between processes); its share of an epoch is ``graft_s / (graft_s + 50000 / images_per_s)``.
 
 Targets: CPU ratio >= 1.3; CUDA (H100) ResNet-32 ratio >= 5. One JSON line per
-(model, device) on stdout; a requested device that is missing gets a "measured": false
-line. Default CPU run: about 3 minutes on 2 cores (when the machine is otherwise idle).
+(case, device) on stdout; a requested device that is missing, or Fashion-MNIST's files,
+gets a "measured": false line. Default CPU run: about 4 minutes on 2 cores (when the
+machine is otherwise idle).
 
     .venv/bin/python bench/train_throughput.py
+    .venv/bin/python bench/train_throughput.py --cases fashion-resnet20
     .venv/bin/python bench/train_throughput.py --device cuda --amp --compile --steps 100
 """
 
@@ -55,15 +63,32 @@ import torch
 from common import NullTelemetry, cpu_name, cpu_ticks  # bench/common.py
 from torch import nn
 
-MODELS = ("resnet32", "mobilenetv2")
-TRAIN_IMAGES = 50000
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row: a model at a width on a dataset."""
+
+    model: str
+    width: float
+    dataset: str
+    """synthetic (CIFAR-shaped) | fashion-mnist."""
+    train_images: int
+    cpu_steps: int
+    """Window length (steps) on CPU when --steps is 0."""
+
+
+# Window lengths: a step of ResNet-32 at batch 128 takes ~0.5 s on 2 idle CPU cores (eager
+# fp32), MobileNetV2 ~2.2 s, ResNet-20 at width 0.5 on 28x28 ~0.06 s; a GPU needs long
+# windows.
+CASES = {
+    "resnet32": Case("resnet32", 1.0, "synthetic", 50000, 8),
+    "mobilenetv2": Case("mobilenetv2", 1.0, "synthetic", 50000, 4),
+    "fashion-resnet20": Case("resnet20", 0.5, "fashion-mnist", 60000, 40),
+}
 BATCH = 128
 REF_WORKERS = 2
 CPU_TARGET = 1.3
 CUDA_TARGETS = {"resnet32": 5.0}
-# Default window length (steps) when --steps is 0: a step of ResNet-32 at batch 128 takes
-# ~0.5 s on 2 idle CPU cores (eager fp32), MobileNetV2 ~2.2 s; a GPU needs long windows.
-DEFAULT_STEPS = {("cpu", "resnet32"): 8, ("cpu", "mobilenetv2"): 4}
 DEFAULT_STEPS_CUDA = 100
 
 
@@ -103,31 +128,52 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def reference_dataset(case: Case, trainer, cache: str) -> torch.utils.data.Dataset:
+    """The authors' Dataset over the images the trainer holds (the same files for
+    Fashion-MNIST: torchvision's class reading distgraft's cache)."""
+    from torchvision import datasets, transforms
+
+    from distgraft.train.data import CIFAR10_MEAN, CIFAR10_STD
+
+    if case.dataset == "fashion-mnist":
+        loader = trainer.train_loader
+        mean, std = loader.mean.flatten().tolist(), loader.std.flatten().tolist()
+        transform = transforms.Compose(
+            [
+                transforms.RandomCrop(28, padding=2),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+        return datasets.FashionMNIST(cache, train=True, transform=transform)
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ]
+    )
+    images = trainer.train_loader.images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    labels = trainer.train_loader.labels.cpu().numpy()
+    return UInt8Images(images, labels, transform)
+
+
 class ReferenceLoop:
     """The authors' training loop over a worker DataLoader; ``run(steps)`` trains ``steps``."""
 
     def __init__(
-        self, model_name: str, images: np.ndarray, labels: np.ndarray, device: torch.device
-    ) -> None:
-        from torchvision import transforms
-
+        self, case: Case, dataset: torch.utils.data.Dataset, in_channels: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
         from distgraft.models import build_model
-        from distgraft.train.data import CIFAR10_MEAN, CIFAR10_STD
 
-        transform = transforms.Compose(
-            [
-                transforms.RandomCrop(32, padding=4),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-            ]
-        )
-        dataset = UInt8Images(images, labels, transform)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=BATCH, shuffle=True, num_workers=REF_WORKERS
         )
         self.device = device
-        self.net = build_model(model_name, 10).to(device)
+        self.net = build_model(case.model, 10, in_channels, case.width).to(device)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(
             self.net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
@@ -167,7 +213,22 @@ class ReferenceLoop:
 # --------------------------------------------------------------------------- distgraft side
 
 
-def make_trainer(model_name: str, device: torch.device, args: argparse.Namespace, run_dir: str):
+def data_settings(case: Case, cache: str) -> dict:
+    if case.dataset == "fashion-mnist":
+        return {"name": "fashion-mnist", "cache": cache, "val_size": 0, "batch_size": BATCH}
+    return {
+        "name": "synthetic",
+        "synthetic_train": case.train_images,
+        "synthetic_test": BATCH,
+        "synthetic_shape": (3, 32, 32),
+        "synthetic_classes": 10,
+        "batch_size": BATCH,
+    }
+
+
+def make_trainer(
+    name: str, case: Case, device: torch.device, args: argparse.Namespace, run_dir: str
+):
     from distgraft.comm.dist import init_distributed
     from distgraft.config import Config, with_overrides
     from distgraft.train.trainer import Trainer
@@ -178,16 +239,10 @@ def make_trainer(model_name: str, device: torch.device, args: argparse.Namespace
     info = dataclasses.replace(init_distributed(backend=backend), device=device)
     cfg = with_overrides(
         Config(),
-        run={"dir": run_dir, "name": f"throughput-{model_name}", "resume": False},
-        data={
-            "name": "synthetic",
-            "synthetic_train": TRAIN_IMAGES,
-            "synthetic_test": BATCH,
-            "synthetic_shape": (3, 32, 32),
-            "synthetic_classes": 10,
-            "batch_size": BATCH,
-        },
-        model={"name": model_name, "channels_last": args.channels_last, "compile": args.compile},
+        run={"dir": run_dir, "name": f"throughput-{name}", "resume": False},
+        data=data_settings(case, os.path.join(run_dir, "cache")),
+        model={"name": case.model, "width": case.width, "channels_last": args.channels_last,
+               "compile": args.compile},  # fmt: skip
         optim={"amp": args.amp},
     )
     trainer = Trainer(cfg, info, NullTelemetry())
@@ -280,16 +335,16 @@ def summary(a: list[float], b: list[float], others: list[float | None], limit: f
     return out
 
 
-def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> dict:
-    steps = args.steps or (
-        DEFAULT_STEPS_CUDA if device.type == "cuda" else DEFAULT_STEPS[("cpu", model_name)]
-    )
+def measure(name: str, device: torch.device, args: argparse.Namespace) -> dict:
+    case = CASES[name]
+    model_name = case.model
+    steps = args.steps or (DEFAULT_STEPS_CUDA if device.type == "cuda" else case.cpu_steps)
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="distgraft-throughput-") as run_dir:
-        trainer, info = make_trainer(model_name, device, args, run_dir)
-        images = trainer.train_loader.images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        labels = trainer.train_loader.labels.cpu().numpy()
-        reference = ReferenceLoop(model_name, images, labels, device)
+        trainer, info = make_trainer(name, case, device, args, run_dir)
+        dataset = reference_dataset(case, trainer, os.path.join(run_dir, "cache"))
+        in_channels = trainer.data_info.in_channels
+        reference = ReferenceLoop(case, dataset, in_channels, device)
         epoch = 0
 
         def ours() -> int:
@@ -318,7 +373,7 @@ def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> 
         reference.close()
         ours_ms, theirs_ms = input_ms(trainer, reference, device)
         graft_s = None
-        if model_name == "resnet32":
+        if name == "resnet32":
             graft_s = graft_seconds(trainer, info, args.graft_repeats)
     stats = summary(a_windows, b_windows, others, args.quiet_limit)
     a = stats.get("quiet_distgraft_images_per_s", stats["distgraft_images_per_s"])
@@ -326,7 +381,11 @@ def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> 
     target = CPU_TARGET if device.type == "cpu" else CUDA_TARGETS.get(model_name)
     row = {
         "bench": "train_throughput",
+        "case": name,
         "model": model_name,
+        "width": case.width,
+        "dataset": "fashion-mnist (Debian files)" if case.dataset == "fashion-mnist"
+        else "synthetic 3x32x32 uint8",
         "device": device.type,
         "device_name": device_name(device),
         "cores": os.cpu_count(),
@@ -335,7 +394,7 @@ def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> 
         "threads_note": "same torch.set_num_threads for both loops; the reference's "
         f"{REF_WORKERS} DataLoader workers (1 thread each) share the same cores",
         "batch_size": BATCH,
-        "train_images": TRAIN_IMAGES,
+        "train_images": case.train_images,
         "warmup_steps": args.warmup,
         "steps_per_window": steps,
         "windows": args.windows,
@@ -356,7 +415,7 @@ def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> 
         "loadavg_1min": [load_before, loadavg()],
     }
     if graft_s is not None:
-        epoch_s = TRAIN_IMAGES / a
+        epoch_s = case.train_images / a
         row.update(
             graft_s=round(graft_s, 4),
             graft_kind="world size 1 (self exchange: no wire transfer)",
@@ -364,6 +423,20 @@ def measure(model_name: str, device: torch.device, args: argparse.Namespace) -> 
             graft_share_of_epoch=round(graft_s / (graft_s + epoch_s), 6),
         )
     return row
+
+
+def missing_data(case: Case) -> str | None:
+    """Why the case cannot run here (Fashion-MNIST's files absent), or None."""
+    if case.dataset != "fashion-mnist":
+        return None
+    from distgraft.config import DataConfig
+    from distgraft.train.data import DataError, check_available
+
+    try:
+        check_available(DataConfig(name="fashion-mnist", cache=tempfile.gettempdir()))
+    except DataError as e:
+        return str(e)
+    return None
 
 
 def devices(requested: list[str]) -> list[tuple[str, torch.device | None]]:
@@ -384,10 +457,12 @@ def devices(requested: list[str]) -> list[tuple[str, torch.device | None]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--cases", "--models", nargs="+", default=list(CASES),
+                        choices=list(CASES), help="rows to measure (default: all)")  # fmt: skip
     parser.add_argument(
-        "--steps", type=int, default=0, help="steps per timed window (0: 8/4 on CPU, 100 CUDA)"
-    )
+        "--steps", type=int, default=0,
+        help="steps per timed window (0: 8/4/40 on CPU, 100 CUDA)",
+    )  # fmt: skip
     parser.add_argument("--windows", type=int, default=5, help="timed windows per loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     parser.add_argument("--device", nargs="+", default=["auto"], choices=["auto", "cpu", "cuda"])
@@ -424,8 +499,14 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(json.dumps(row), flush=True)
                 continue
-            for model_name in args.models:
-                print(json.dumps(measure(model_name, device, args)), flush=True)
+            for case in args.cases:
+                missing = missing_data(CASES[case])
+                if missing:
+                    row = {"bench": "train_throughput", "case": case, "device": name,
+                           "measured": False, "reason": missing}  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    continue
+                print(json.dumps(measure(case, device, args)), flush=True)
     finally:
         close()
     return 0

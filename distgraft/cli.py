@@ -16,7 +16,8 @@ COMMANDS = {
     "monitor": "distgraft.telemetry.monitor",
     "analyze": "distgraft.tools.analyze",
     "report": "distgraft.tools.report",
-    "compress": "distgraft.tools.compress_cli",
+    "compare": "distgraft.tools.compare",
+    "compress": "distgraft.tools.compress.cli",
     "export": "distgraft.tools.export",
 }
 

@@ -8,8 +8,10 @@ costs the user one second and exit code 2 instead of a half-started cluster job.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -26,12 +28,17 @@ __all__ = [
     "GraftConfig",
     "CompressConfig",
     "RegularizeConfig",
+    "DistillConfig",
     "TelemetryConfig",
     "DistConfig",
     "load_config",
     "config_from_toml",
     "to_toml",
     "field_docs",
+    "check_run_dir",
+    "PER_NODE",
+    "agreement_view",
+    "describe_disagreement",
 ]
 
 
@@ -68,14 +75,27 @@ class ModelConfig:
     """Start from this checkpoint (plain, pruned, decomposed or sparse); '{network}' in the
     path becomes the network's index. Its architecture is kept: a pruned network stays
     pruned. Its base model must be model.name."""
+    width: float = 1.0
+    """Width multiplier of the CIFAR ResNets and mobilenetv2: every conv's filter count x
+    width (ResNets: rounded, at least 1, so 0.5 gives 8/16/32 filters per stage; mobilenetv2:
+    rounded to a multiple of 8 as in its paper, the last 1280-wide conv never narrower).
+    Recorded in every checkpoint; the other models take 1 only."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "cifar10"
-    """digits | cifar10 | cifar100 | imagenet | synthetic."""
-    root: str = "data"
-    """Folder holding the dataset (torchvision layout for CIFAR, train/ and val/ for ImageNet)."""
+    """digits | cifar10 | cifar100 | fashion-mnist | imagenet | synthetic."""
+    root: str = ""
+    """Folder holding the dataset, a per-machine setting: torchvision's layout for CIFAR,
+    train/ and val/ for ImageNet, the four *-ubyte.gz IDX files for Fashion-MNIST. Empty:
+    the dataset's default, 'data' for CIFAR and ImageNet, /usr/share/datasets/fashion-mnist
+    (Debian's dataset-fashion-mnist, installed by make data) for Fashion-MNIST."""
+    cache: str = ""
+    """Writable folder for files derived from the dataset (Fashion-MNIST decompressed, in
+    torchvision's FashionMNIST/raw layout), a per-machine setting. Empty:
+    $XDG_CACHE_HOME/distgraft, else ~/.cache/distgraft. Processes starting at once share it
+    safely (one locked, atomic decompression)."""
     download: bool = False
     """Download CIFAR into root when missing (never done silently)."""
     batch_size: int = 128
@@ -85,11 +105,12 @@ class DataConfig:
     val_size: int = -1
     """Training images held out for validation (seeded by run.seed: the same for every
     network); best.pt and every pruning decision use them, never the test split. -1: the
-    dataset's default (a tenth of the training images, at most 5000 for CIFAR and 10000 for
-    ImageNet); 0: none (best.pt then follows test accuracy, the paper's optimistic
-    convention)."""
+    dataset's default (a tenth of the training images, at most 5000 for CIFAR and
+    Fashion-MNIST and 10000 for ImageNet); 0: none (best.pt then follows test accuracy,
+    the paper's optimistic convention)."""
     augment: bool = True
-    """Random crop (pad 4) and horizontal flip for CIFAR; random-resized crop for ImageNet."""
+    """Random crop (zero padding 4 for CIFAR, 2 for Fashion-MNIST, 1 for digits) and
+    horizontal flip (not for digits); random-resized crop and flip for ImageNet."""
     workers: int = 8
     """DataLoader worker processes (ImageNet only; the other datasets live on the device)."""
     image_size: int = 224
@@ -151,6 +172,10 @@ class GraftConfig:
     """noise/internal sources: filters with L1 norm below gamma are invalid and get scions."""
     a_noise: float = 0.9
     """noise source: sigma_t = a_noise ** epoch."""
+    allow_mixed_pruning: bool = False
+    """Graft networks whose model.init checkpoints were pruned differently (other kept
+    channels, same shapes): the ring then mixes filters that do not correspond. Off: such a
+    start stops with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -160,11 +185,19 @@ class TelemetryConfig:
     zmq: bool = True
     """Push events to the collector (rank 0) for `distgraft monitor`."""
     address: str = "tcp://127.0.0.1:0"
-    """Where the collector receives events (PULL). Port 0 picks a free port."""
+    """Where the collector receives events (PULL): tcp://HOST:PORT (HOST an address or
+    interface of rank 0's machine, * for all; port 0 picks a free port) or ipc://PATH."""
     publish: str = "tcp://127.0.0.1:5558"
-    """Where the collector republishes events for monitors (PUB); next free port if taken."""
+    """Where the collector republishes events for monitors (PUB), same forms; the next free
+    port of the 20 above if taken; empty: no publishing."""
     max_message_bytes: int = 1 << 20
     """Messages larger than this are dropped by the collector."""
+    auth: str = "curve"
+    """curve: only the run's processes may publish to the collector (per-run CURVE keys,
+    RUN_DIR/telemetry.key); none: any process that reaches telemetry.address may."""
+    tensorboard: str | bool = "auto"
+    """auto | true | false: each network's lead writes TensorBoard files to RUN_DIR/tb/net{k}
+    (auto: when the tensorboard package is installed; true without it: one warning)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +242,27 @@ class RegularizeConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teachers: tuple[str, ...] = ()
+    """Checkpoints of frozen teachers (any distgraft writes: plain, pruned, decomposed,
+    sparse): every step each network also learns their softened outputs (cultivation, Meng et
+    al. 2020 sec. 3.5, when the networks graft). '{network}' in a path becomes the index."""
+    tau: float = 2.0
+    """Temperature of the distillation term (the paper's 2)."""
+    weight: float = 1.0
+    """L = CE + weight * tau^2 * softCE(student / tau, teachers / tau) (the paper: 1)."""
+    combine: str = "probs"
+    """probs: average the teachers' softened probabilities (the paper) | logits: average
+    their logits, then soften."""
+    mutual: bool = False
+    """Deep Mutual Learning (Zhang et al. 2018): every step each network also learns the
+    other networks' outputs on the same batch (data order and augmentation then come from
+    run.seed, shared by all networks; initialisation and dropout stay per network)."""
+    mutual_weight: float = 1.0
+    """Weight of the mean over peers of KL(p_peer || p_own)."""
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
@@ -225,6 +279,7 @@ class Config:
     graft: GraftConfig = field(default_factory=GraftConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -242,7 +297,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in fields(Config)}
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "cifar10", "cifar100", "imagenet", "synthetic"),
+    "data.name": ("digits", "cifar10", "cifar100", "fashion-mnist", "imagenet", "synthetic"),
     "optim.schedule": ("step", "cosine", "constant"),
     "graft.source": ("external", "noise", "internal", "none"),
     "graft.criterion": ("entropy", "l1"),
@@ -254,6 +309,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compress.scope": ("layer", "global"),
     "regularize.force": ("none", "degradation", "constant", "linear", "gravity"),
     "regularize.force_layers": ("conv", "conv+linear"),
+    "distill.combine": ("probs", "logits"),
+    "telemetry.auth": ("curve", "none"),
 }
 
 
@@ -299,6 +356,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__} values")
         return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
+    if set(get_args(typ)) == {str, bool}:  # "auto" | true | false
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _coerce(key, value, bool)
+        except ConfigError:
+            raise ConfigError(f"{key} = {value!r}: expected auto, true or false") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -317,14 +381,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         raise ConfigError(f"{key} = {value!r}: expected an integer")
     if typ is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} = {value!r}: expected a number")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+        return number
     if typ is str:
         if isinstance(value, str):
             return value
@@ -378,7 +443,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
         for section, values in raw.items():
@@ -425,7 +496,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value; with ``world_size``, also the networks x replicas layout."""
-    from distgraft.models import MODEL_NAMES, is_known_model
+    from distgraft.models import MODEL_NAMES, WIDTH_MODELS, is_known_model
 
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -438,6 +509,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"use one of {', '.join(MODEL_NAMES)}, or torchvision:ARCH with a torchvision "
         "classification architecture",
     )
+    w = cfg.model.width
+    _require(w > 0 and math.isfinite(w), "model.width", w, "must be a number > 0")
+    _require(w == 1 or cfg.model.name in WIDTH_MODELS, "model.width", w,
+             f"{cfg.model.name} takes width 1 only; a width multiplier applies to "
+             f"{', '.join(WIDTH_MODELS)}")  # fmt: skip
     g, o, r, d = cfg.graft, cfg.optim, cfg.run, cfg.data
     _require(g.a > 0 and g.a < 1, "graft.a", g.a, "must be in (0, 1) so alpha stays in (0, 1)")
     _require(g.c > 0 and math.isfinite(g.c), "graft.c", g.c, "must be a positive number")
@@ -466,6 +542,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, ">= 2")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0")
+    _validate_endpoint("telemetry.address", cfg.telemetry.address, allow_empty=False)
+    _validate_endpoint("telemetry.publish", cfg.telemetry.publish, allow_empty=True)
     _require(
         cfg.telemetry.max_message_bytes >= 1024,
         "telemetry.max_message_bytes",
@@ -478,6 +556,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f.force_decay, "must be a number >= 0")  # fmt: skip
     _require(f.force == "none" or f.force_decay > 0, "regularize.force_decay", f.force_decay,
              f"must be > 0 with regularize.force = {f.force!r}")  # fmt: skip
+    k = cfg.distill
+    _require(k.tau > 0, "distill.tau", k.tau, "must be > 0")
+    _require(k.weight >= 0, "distill.weight", k.weight, "must be >= 0")
+    _require(k.mutual_weight >= 0, "distill.mutual_weight", k.mutual_weight, "must be >= 0")
+    _require(all(bool(t) for t in k.teachers), "distill.teachers", k.teachers,
+             "every entry must be a checkpoint path")  # fmt: skip
     if world_size is not None:
         n = g.networks or world_size
         _require(
@@ -486,6 +570,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             g.networks,
             f"must divide the world size {world_size} (replicas = world size / networks)",
         )
+
+
+# tcp://HOST:PORT with HOST a name, an IPv4 address, * or a bracketed IPv6 address; the
+# short forms PORT, :PORT and HOST:PORT mean tcp:// (on 127.0.0.1 without a host).
+_TCP = re.compile(r"(?:tcp://)?(?P<host>[\w.\-*%]*|\[[0-9A-Fa-f:.%\w]+\]):(?P<port>\d{1,5})")
+
+
+def _validate_endpoint(key: str, address: str, allow_empty: bool) -> None:
+    """The syntax of a ZeroMQ endpoint; what only a bind can tell is checked on rank 0
+    before the run starts (``telemetry.preflight``)."""
+    text = address.strip()
+    if allow_empty and not text:
+        return
+    if text.startswith("ipc://"):
+        ok = len(text) > len("ipc://")
+    else:
+        match = _TCP.fullmatch(text if not text.isdigit() else f":{text}")
+        ok = match is not None and int(match["port"]) <= 65535
+    _require(ok, key, address, "use tcp://HOST:PORT (HOST an address or interface of this "
+             "machine, or * for all; PORT 0 to 65535, 0: any free port) or ipc://PATH"
+             + (", or an empty string for none" if allow_empty else ""))  # fmt: skip
 
 
 def _validate_compress(cfg: Config) -> None:
@@ -540,6 +645,70 @@ def _validate_layer_sparsity(c: CompressConfig) -> None:
     _require(worst < 1, key, c.layer_sparsity,
              f"a round would prune {worst:.0%} of a layer (the schedule peaks at {top:.2f}x"
              " its last entry)")  # fmt: skip
+
+
+PER_NODE: tuple[str, ...] = ("telemetry.*", "data.root", "data.workers", "data.cache", "run.dir")
+"""Settings that may differ between the ranks of one run: where a node finds its files and
+what it spends on loading them, and its own telemetry. Every other setting must be the same
+on every rank (a per-node override gone wrong ends otherwise in a crash inside gloo or a
+hang); the ranks compare them at start-up and stop with exit code 2 naming the keys."""
+
+
+def _per_node(key: str) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in PER_NODE)
+
+
+def agreement_view(cfg: Config) -> dict[str, str]:
+    """Every setting that must agree across ranks, as key -> its TOML value."""
+    return {
+        f"{section}.{key}": _toml_value(value)
+        for section in SECTIONS
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items()
+        if not _per_node(f"{section}.{key}")
+    }
+
+
+def describe_disagreement(views: list[dict[str, str]]) -> str:
+    """One line naming each setting the ranks disagree on and its value on each side."""
+    keys = sorted({k for v in views for k in v if len({w.get(k) for w in views}) > 1})
+    parts = []
+    for key in keys:
+        ranks: dict[str, list[int]] = {}
+        for rank, view in enumerate(views):
+            ranks.setdefault(view.get(key, "(unset)"), []).append(rank)
+        sides = "; ".join(f"{value} on {_ranks(r)}" for value, r in ranks.items())
+        parts.append(f"{key} = {sides}")
+    return (
+        f"the ranks of this run were started with different settings: {' | '.join(parts)}. "
+        f"Every setting except {', '.join(PER_NODE)} must be the same on every rank"
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Pre-flight: the run folder exists or can be made, and is writable (ConfigError).
+
+    Checked before any process starts, so that a typo in run.dir costs a second, not a
+    cluster job that trains an epoch and then cannot save it.
+    """
+    import tempfile
+
+    parent, folder = Path(cfg.run.dir), cfg.run_dir
+    for path, key, what in ((parent, "run.dir", cfg.run.dir), (folder, "run.name", cfg.run.name)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key} = {what!r}: {str(path)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"run.dir = {cfg.run.dir!r}: cannot write the run folder {str(folder)!r} "
+            f"({e.strerror or e}); choose a writable run.dir"
+        ) from None
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

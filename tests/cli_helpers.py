@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dist_helpers import free_port
 
-__all__ = ["ROOT", "DIGITS", "env", "torchrun_cmd", "common", "events", "run"]
+__all__ = ["ROOT", "DIGITS", "env", "torchrun_cmd", "common", "events", "run", "worker_with_rank"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.toml"
@@ -50,3 +50,28 @@ def events(run_dir: Path) -> list[dict]:
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def worker_with_rank(agent: int, rank: int) -> int | None:
+    """The pid of torchrun ``agent``'s worker process of ``rank`` (None if not found)."""
+    for pid in _children(agent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None

@@ -19,21 +19,50 @@ from distgraft.config import Config, to_toml, with_overrides
 from distgraft.files import save_atomic
 from distgraft.models import build_model
 
-__all__ = ["CIFAR", "DIGITS", "write_checkpoint", "plain", "compress", "compress_here"]
+__all__ = [
+    "CIFAR",
+    "DIGITS",
+    "checkpoint_config",
+    "write_checkpoint",
+    "splits",
+    "plain",
+    "compress",
+    "compress_here",
+]
 
 CIFAR = (3, 32, 32)
 DIGITS = (1, 8, 8)
 
 
-def write_checkpoint(path: Path, name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """A checkpoint as ``distgraft train`` writes it (weights, config, arch), of a random net."""
-    torch.manual_seed(seed)
-    model = build_model(name, 10, shape[0])
-    data = "digits" if shape == DIGITS else "cifar10"
-    cfg = with_overrides(Config(), model={"name": name}, data={"name": data})
+def checkpoint_config(name: str, shape: tuple[int, ...], **data) -> Config:
+    """The training config a checkpoint of ``name`` holds (``data`` overrides [data])."""
+    dataset = "digits" if shape == DIGITS else "cifar10"
+    return with_overrides(Config(), model={"name": name}, data={"name": dataset, **data})
+
+
+def write_checkpoint(
+    path: Path, name: str, shape: tuple[int, ...], seed: int = 0, model: nn.Module | None = None,
+    **data,
+) -> nn.Module:  # fmt: skip
+    """A checkpoint as ``distgraft train`` writes it (weights, config, arch), of a random net
+    (or of ``model``); ``data`` overrides the config's [data] section."""
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(name, 10, shape[0])
+    cfg = checkpoint_config(name, shape, **data)
     save_atomic({"model": model.state_dict(), "config": to_toml(cfg), "epoch": 0,
                  "arch": base_arch(name, 10, shape[0], shape)}, path)  # fmt: skip
     return model
+
+
+def splits(name: str, shape: tuple[int, ...], **data):
+    """The (validation, test) loaders of a checkpoint written by ``write_checkpoint``, on the
+    CPU: the held-out images its decisions must use, and the ones they must not."""
+    from distgraft.train.data import build_data
+
+    cfg = checkpoint_config(name, shape, **data)
+    built = build_data(cfg.data, torch.device("cpu"), seed=0, split_seed=cfg.run.seed)
+    return built.val, built.test
 
 
 def plain(value) -> bool:

@@ -1,13 +1,18 @@
 """Tests of distgraft.train.data: splits, determinism, sharding, augmentation, file formats.
 
 Everything runs on CPU with tiny datasets written into tmp_path (CIFAR in torchvision's
-python format, an ImageFolder of PNGs), so the suite needs no download and stays fast.
+python format, Fashion-MNIST as gzipped IDX files, an ImageFolder of PNGs), so the suite
+needs no download and stays fast; one test reads the real Fashion-MNIST files where
+Debian's package is installed.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 import pickle
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -419,6 +424,239 @@ def test_validation_size_defaults_and_limits() -> None:
     assert val_count(DataConfig(name="cifar10"), 50_000) == 5000
     assert val_count(DataConfig(name="cifar10"), 100) == 10  # tiny files: a tenth
     assert val_count(DataConfig(name="imagenet"), 1_281_167) == 10_000
+    assert val_count(DataConfig(name="fashion-mnist"), 60_000) == 5000
     assert val_count(DataConfig(name="digits", val_size=7), 1437) == 7
     with pytest.raises(DataError, match="data.val_size"):
         val_count(DataConfig(name="digits", val_size=1437), 1437)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """``array`` (uint8) as an IDX file: magic 0x0000 08 NDIM, big-endian dims, the data."""
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return bytes([0, 0, 0x08, array.ndim]) + dims + np.ascontiguousarray(array).tobytes()
+
+
+def _idx_gz(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(_idx(array.astype(np.uint8)))
+
+
+def _write_fashion(root: Path, n_train: int = 50, n_test: int = 12, seed: int = 0) -> dict:
+    """The four Fashion-MNIST files in the real format, with small random contents."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        _idx_gz(root / f"{name}.gz", array)
+    return arrays
+
+
+def _fashion(tmp_path: Path, **kw) -> DataConfig:
+    return DataConfig(name="fashion-mnist", root=str(tmp_path / "src"),
+                      cache=str(tmp_path / "cache"), batch_size=16, **kw)  # fmt: skip
+
+
+def test_fashion_mnist_whole_path(tmp_path: Path) -> None:
+    """Gzipped IDX files -> cache in torchvision's layout -> device loaders: the held-out
+    split, labels, normalisation by the training images' statistics, pad-2 crops + flips."""
+    import torchvision
+
+    src = _write_fashion(tmp_path / "src")
+    cfg = _fashion(tmp_path)
+    check_available(cfg)
+    data = build_data(cfg, CPU, seed=3, split_seed=7)
+    train, val, test, info = data.train, data.val, data.test, data.info
+    assert isinstance(train, DeviceLoader) and isinstance(val, DeviceLoader)
+    assert isinstance(test, DeviceLoader)
+    assert info == DataInfo(10, 1, 28, 45, 12, (1, 28, 28), 5)  # a tenth held out
+    images = torch.from_numpy(src["train-images-idx3-ubyte"]).unsqueeze(1)
+    labels = torch.from_numpy(src["train-labels-idx1-ubyte"]).long()
+    train_idx, val_idx = split_indices(50, 5, 7)
+    assert torch.equal(train.images, images[train_idx]) and torch.equal(val.images, images[val_idx])
+    assert torch.equal(train.labels, labels[train_idx]) and torch.equal(val.labels, labels[val_idx])
+    assert test.labels.tolist() == src["t10k-labels-idx1-ubyte"].tolist()
+    assert test.images.squeeze(1).numpy().tobytes() == src["t10k-images-idx3-ubyte"].tobytes()
+    # Normalised by the mean / population std of the 45 images trained on, nothing else.
+    part = src["train-images-idx3-ubyte"][train_idx.numpy()] / 255.0
+    assert float(train.mean) == pytest.approx(part.mean(), abs=1e-7)  # float32
+    assert float(train.std) == pytest.approx(part.std(), abs=1e-7)
+    assert float(test.mean) == float(train.mean) and float(val.std) == float(train.std)
+    x, y = next(iter(test))
+    assert x.shape == (12, 1, 28, 28) and y.dtype == torch.int64
+    torch.testing.assert_close(x, (test.images.float() / 255 - part.mean()) / part.std())
+    # Every augmented sample is one pad-2 crop (+ flip) of its own image; the border is reached.
+    train.set_epoch(1)
+    order = train.order()
+    out = torch.cat([_as_uint8(xb, train) for xb, _ in train]).numpy()
+    assert out.shape == (45, 1, 28, 28)
+    used = []
+    for i, src_index in enumerate(order.tolist()):
+        cands = _crop_candidates(train.images[src_index].numpy(), 2, (False, True))
+        hits = [k for k, v in cands.items() if np.array_equal(v, out[i])]
+        assert len(hits) == 1, f"sample {i} is not a pad-2 crop/flip of image {src_index}"
+        used.append(hits[0])
+    assert {f for _, _, f in used} == {False, True}
+    assert {dy for dy, _, _ in used} <= set(range(5)) and any(4 in (dy, dx) for dy, dx, _ in used)
+    # The cache is torchvision's FashionMNIST layout: its class reads the very same files.
+    tv = torchvision.datasets.FashionMNIST(str(tmp_path / "cache"), train=False)
+    assert torch.equal(tv.data.unsqueeze(1), test.images) and tv.targets.tolist() == y.tolist()
+
+
+def _cache_task(rank: int, world: int, cfg: DataConfig, ready: str) -> tuple[list, str]:
+    """Wait until every process is here, then use the empty cache at the same moment."""
+    import hashlib
+    import time
+
+    from distgraft.train.data.fashion import FILES, cache_folder, prepare_cache
+
+    Path(ready, str(rank)).touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(ready).iterdir())) < world:
+        assert time.monotonic() < deadline, "the other processes never arrived"
+        time.sleep(0.001)
+    written = prepare_cache(cfg)
+    content = b"".join((cache_folder(cfg) / name).read_bytes() for name in FILES)
+    return written, hashlib.sha256(content).hexdigest()
+
+
+def test_fashion_cache_first_use_by_several_processes(tmp_path: Path) -> None:
+    """Processes that start at once share one cache: each file is decompressed exactly
+    once, every process finds complete files, and no temporary file is left behind."""
+    import hashlib
+
+    from dist_helpers import shared_pool, values
+
+    from distgraft.train.data.fashion import FILES, cache_folder
+
+    src = _write_fashion(tmp_path / "src", n_train=3000)  # a 2.4 MB file: a real race window
+    cfg = _fashion(tmp_path)
+    (tmp_path / "ready").mkdir()
+    got = values(shared_pool(4).run(_cache_task, 3, cfg, str(tmp_path / "ready")))
+    written = sorted(name for w, _ in got for name in w)
+    assert written == sorted(FILES)  # one decompression per file among the three
+    expected = hashlib.sha256(b"".join(_idx(src[name]) for name in FILES)).hexdigest()
+    assert {d for _, d in got} == {expected}
+    left = sorted(p.name for p in cache_folder(cfg).iterdir())
+    assert left == sorted([*FILES, *(f"{n}.source" for n in FILES)])
+
+
+def test_fashion_cache_follows_its_source(tmp_path: Path) -> None:
+    """A fresh cache is used as it is; a changed or another original is decompressed again."""
+    from distgraft.train.data.fashion import FILES, load_fashion, prepare_cache
+
+    _write_fashion(tmp_path / "src", seed=0)
+    cfg = _fashion(tmp_path)
+    assert prepare_cache(cfg) == list(FILES)
+    assert prepare_cache(cfg) == []
+    new = _write_fashion(tmp_path / "src", seed=1)  # same sizes, other pixels
+    for name in FILES:  # a distinct modification time even on a coarse-grained clock
+        os.utime(tmp_path / "src" / f"{name}.gz", ns=(10**18, 10**18 + 1))
+    xtr, _, xte, _ = load_fashion(cfg)
+    assert xtr.squeeze(1).numpy().tobytes() == new["train-images-idx3-ubyte"].tobytes()
+    assert xte.squeeze(1).numpy().tobytes() == new["t10k-images-idx3-ubyte"].tobytes()
+    other = _write_fashion(tmp_path / "other", n_train=20, seed=2)
+    xtr, ytr, _, _ = load_fashion(replace(cfg, root=str(tmp_path / "other")))
+    assert len(xtr) == 20 and ytr.tolist() == other["train-labels-idx1-ubyte"].tolist()
+
+
+def test_fashion_bad_files_are_named(tmp_path: Path) -> None:
+    _write_fashion(tmp_path / "src")
+    cfg = _fashion(tmp_path)
+    labels = tmp_path / "src" / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot decompress") as err:
+        build_data(cfg, CPU, 0)
+    assert str(labels) in str(err.value)
+    with gzip.open(labels, "wb") as f:
+        f.write(b"neither an IDX file")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte") as err:
+        build_data(cfg, CPU, 0)
+    assert "IDX" in str(err.value)
+    _idx_gz(labels, np.full(12, 10, dtype=np.uint8))  # class 10 does not exist
+    with pytest.raises(DataError, match=r"outside \[0, 10\)"):
+        build_data(cfg, CPU, 0)
+    _idx_gz(labels, np.zeros(11, dtype=np.uint8))
+    with pytest.raises(DataError, match="11 labels for 12 images"):
+        build_data(cfg, CPU, 0)
+
+
+def test_fashion_missing_files_and_unusable_cache(tmp_path: Path) -> None:
+    cfg = _fashion(tmp_path)
+    for call in (lambda: check_available(cfg), lambda: build_data(cfg, CPU, 0)):
+        with pytest.raises(DataError) as err:
+            call()
+        msg = str(err.value)
+        assert "apt-get install dataset-fashion-mnist" in msg and "make data" in msg
+        assert str(tmp_path / "src") in msg and "data.root" in msg
+    _write_fashion(tmp_path / "src")
+    (tmp_path / "src" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing: train-labels-idx1-ubyte.gz"):
+        check_available(cfg)
+    _write_fashion(tmp_path / "src")
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match="data.cache") as err:
+        check_available(cfg)
+    assert str(tmp_path / "cache") in str(err.value)
+    assert not (tmp_path / "cache").is_dir()  # the check created nothing
+
+
+def test_fashion_default_root_and_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from distgraft.train.data.fashion import cache_folder
+    from distgraft.train.data.storage import root_of
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = DataConfig(name="fashion-mnist")
+    assert root_of(cfg) == FASHION_DEBIAN
+    assert cache_folder(cfg) == tmp_path / "xdg" / "distgraft" / "FashionMNIST" / "raw"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_folder(cfg) == Path.home() / ".cache" / "distgraft" / "FashionMNIST" / "raw"
+    assert root_of(DataConfig(name="cifar10")) == Path("data")  # as before
+    assert root_of(DataConfig(name="imagenet", root="/x")) == Path("/x")
+
+
+def test_fashion_missing_files_exit_2_via_the_cli(tmp_path: Path) -> None:
+    from cli_helpers import common, run
+
+    cmd = [sys.executable, "-m", "distgraft", "train", *common(tmp_path, "fm", 1),
+           "--data.name=fashion-mnist", f"--data.root={tmp_path / 'nothing'}",
+           "--model.name=resnet20", f"--data.cache={tmp_path / 'cache'}"]  # fmt: skip
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+    assert str(tmp_path / "nothing") in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "fm").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(
+    not all((FASHION_DEBIAN / f"{n}.gz").is_file() for n in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+    reason=f"Fashion-MNIST is not installed in {FASHION_DEBIAN} (make data, as root)",
+)  # fmt: skip
+def test_fashion_mnist_real_debian_files(tmp_path: Path) -> None:
+    """The real files: 60,000 + 10,000 images of 28x28, 6,000 / 1,000 of each class."""
+    from distgraft.train.data.fashion import load_fashion
+
+    cfg = DataConfig(name="fashion-mnist", cache=str(tmp_path))
+    xtr, ytr, xte, yte = load_fashion(cfg)
+    assert xtr.shape == (60000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
+    assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64
+    assert torch.bincount(ytr).tolist() == [6000] * 10
+    assert torch.bincount(yte).tolist() == [1000] * 10
+    assert int(xtr.max()) == 255 and int(xtr.min()) == 0
+    assert val_count(cfg, 60000) == 5000
+    # The published training-set statistics (mean 0.2860, std 0.3530).
+    from distgraft.train.data.loaders import channel_stats
+
+    (mean,), (std,) = channel_stats(xtr)
+    assert mean == pytest.approx(0.2860, abs=1e-4) and std == pytest.approx(0.3530, abs=1e-4)

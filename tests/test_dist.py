@@ -7,14 +7,17 @@ Most tests are single-process; the last ones start 4 real processes (gloo, CPU) 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import shared_pool, values
+from cli_helpers import ROOT, env
+from dist_helpers import free_port, shared_pool, values
 from torch import nn
 
 from distgraft.comm.dist import (
@@ -248,3 +251,34 @@ def slurm_task(rank: int, world: int) -> tuple:
 def test_slurm_launch_without_torchrun() -> None:
     got = values(shared_pool(4).run(slurm_task, 2))
     assert got == [(0, 2, 0, 0, 3), (1, 2, 1, 1, 3)]
+
+
+# -- torchrun restarts: the store of each attempt -----------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("shared", [True, False], ids=["agent-store", "store-per-round"])
+def test_restarted_rank_goes_straight_to_the_new_store(shared: bool, tmp_path: Path) -> None:
+    """torchrun --max-restarts 1 with the agent's store shared across rounds (torchrun's
+    default) and with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the multi-node scripts).
+    In the second attempt rank 0 starts 3 s late: rank 1 must wait for the new store's
+    address, never dial the one the first attempt left (a dead port costs a TCPStore
+    client its connect timeout: the restarts lost 5-12 s that way)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = {"STUB_OUT": str(out), "STUB_RANK0_DELAY_S": "3"}
+    if not shared:
+        extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+           str(ROOT / "tests" / "attempt_stub.py")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **extra}, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = {p.stem: json.loads(p.read_text()) for p in out.iterdir()}
+    assert sorted(got) == ["rank0-try0", "rank0-try1", "rank1-try0", "rank1-try1"]
+    assert all(r["sum"] == 3.0 and r["world"] == 2 for r in got.values()), got
+    old, new = got["rank0-try0"]["store_port"], got["rank0-try1"]["store_port"]
+    assert old != new and got["rank1-try1"]["store_port"] == new
+    assert old not in got["rank1-try1"]["dialled"], got["rank1-try1"]
+    assert "failed to connect" not in proc.stderr, proc.stderr[-3000:]

@@ -375,3 +375,21 @@ def test_bfloat16_layer_binned_like_its_float32_values() -> None:
 def test_float64_layer_beyond_float32_range() -> None:
     t = torch.tensor([0.0, 1e300], dtype=torch.float64)
     assert layer_entropies([t]).item() == pytest.approx(math.log(2))
+
+
+def test_filter_tail_counts_and_percentiles_match_a_literal_computation() -> None:
+    from distgraft.graft.entropy import filter_tail
+
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(40, 3, 3, 3, generator=g) * 0.02, torch.randn(60, 4, generator=g)]
+    l1 = sorted(float(w[i].abs().sum()) for w in weights for i in range(w.shape[0]))
+    got = filter_tail(weights)
+    assert got["filters"] == 100 and got["min"] == pytest.approx(l1[0])
+    for t in (0.01, 0.1, 1.0):
+        assert got[f"below_{t:g}"] == sum(v < t for v in l1)
+    # torch.quantile's linear interpolation: position q * (n - 1)
+    for key, q in (("p1", 0.01), ("p5", 0.05)):
+        pos = q * 99
+        lo = int(pos)
+        assert got[key] == pytest.approx(l1[lo] + (pos - lo) * (l1[lo + 1] - l1[lo]))
+    assert filter_tail([]) == {}

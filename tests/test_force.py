@@ -23,8 +23,9 @@ from distgraft.compress.force import (
 )
 
 
-def literal(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """Delta W_i = |W_i| sum_j (f_ji - (f_ji . w_i) w_i), one pair at a time."""
+def literal(weight: torch.Tensor, kind: str, same: float = 1e-12) -> torch.Tensor:
+    """Delta W_i = |W_i| sum_j (f_ji - (f_ji . w_i) w_i), one pair at a time; pairs of
+    directions closer than ``same`` add nothing."""
     W = weight.reshape(weight.shape[0], -1)
     power = KINDS.index(kind)
     out = torch.zeros_like(W)
@@ -37,7 +38,7 @@ def literal(weight: torch.Tensor, kind: str) -> torch.Tensor:
             nj = W[j].norm()
             wj = W[j] / nj if nj > 0 else torch.zeros_like(wi)
             d = (wj - wi).norm()
-            if d <= 1e-12:
+            if d <= same:
                 continue
             f = (wj - wi) / d**power
             out[i] += ni * (f - (f @ wi) * wi)
@@ -68,6 +69,41 @@ def test_float32_and_unknown_kind() -> None:
     torch.testing.assert_close(force_term(w), force_term(w.double()).float(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="allowed degradation, constant, linear, gravity"):
         force_term(w, "magnetic")
+
+
+def with_twin(offset: float, seed: int = 0) -> torch.Tensor:
+    """A float64 layer whose filter 3 is 2.5 x filter 1, turned by about ``offset`` (radians)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64, generator=g)
+    turn = torch.randn(w[1].shape, dtype=torch.float64, generator=g)
+    w[3] = 2.5 * (w[1] + offset * w[1].norm() * turn / turn.norm())
+    return w
+
+
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [0.0, 1e-10, 1e-6, 1e-2])
+def test_close_filters_at_the_resolution_of_the_dtype(kind: str, offset: float) -> None:
+    """Twin filters (the same direction, other norms) are one point: float32 cannot tell
+    directions closer than sqrt(eps) apart, so its force leaves such pairs out, and equals
+    the float64 force with those pairs left out; float64 resolves them down to its own
+    sqrt(eps). Every force stays within the bound a pair at the tolerance gives."""
+    w = with_twin(offset)
+    f64, f32 = force_term(w, kind), force_term(w.float(), kind)
+    assert torch.isfinite(f32).all() and torch.isfinite(f64).all()
+    scale = float(literal(w, kind, same=EPS32**0.5).abs().max())
+    torch.testing.assert_close(f32.double(), literal(w, kind, same=EPS32**0.5), rtol=1e-3,
+                               atol=1e-4 * scale)  # fmt: skip
+    torch.testing.assert_close(f64, literal(w, kind, same=EPS64**0.5), rtol=1e-6, atol=1e-9)
+    for force, eps in ((f32, EPS32), (f64, EPS64)):
+        power = KINDS.index(kind)
+        pair = max(2.0 ** (1 - power), eps ** (0.5 * (1 - power)))  # largest |w_j - w_i| s(d)
+        norms = w.reshape(6, -1).norm(dim=1)
+        bound = 5 * norms * pair  # five pairs pull on each filter
+        assert (force.double().reshape(6, -1).norm(dim=1) <= bound * (1 + 1e-3)).all()
 
 
 def mean_cosine(w: torch.Tensor) -> float:

@@ -4,7 +4,9 @@
   pure tensor code, and training, telemetry and tools reach other processes through comm.
 * ``comm/`` knows nothing of training: it imports no other part of distgraft.
 * Nothing below ``train/`` imports it (nor the tools and the CLI above it).
-* The old public paths still answer for this release.
+* No command module of ``tools/`` imports another command module; ``tools/compress/``
+  imports only downward (the library, ``train.run``, ``train.evaluate``, ``train.data``),
+  never the trainer, the ``train`` command or other tools.
 
 Every ``import`` statement counts, also those inside functions (lazy imports), and so does
 an attribute chain such as ``torch.distributed.all_reduce`` after a plain ``import torch``.
@@ -20,7 +22,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "distgraft"
 
 # Packages that sit below train/: they must never import it or anything above it.
-BELOW_TRAIN = ("graft", "comm", "compress", "telemetry", "models")
+BELOW_TRAIN = ("graft", "comm", "compress", "distill", "telemetry", "models")
 ABOVE = ("distgraft.train", "distgraft.tools", "distgraft.cli", "distgraft.__main__")
 
 
@@ -104,20 +106,70 @@ def test_nothing_below_train_imports_it(path: Path) -> None:
     assert offending(path, ABOVE) == [], f"{rel(path)} imports a layer above it"
 
 
-@pytest.mark.parametrize("path", modules("compress"), ids=rel)
+@pytest.mark.parametrize("path", modules("compress", "distill"), ids=rel)
 def test_compress_is_pure_tensor_code(path: Path) -> None:
     """Distributed compression work is driven from train/ and the CLI, not from here."""
     assert offending(path, ("distgraft.comm", "torch.distributed")) == [], rel(path)
 
 
-def test_old_public_paths_still_import() -> None:
-    from distgraft.comm.ring import ring_exchange as moved_ring
-    from distgraft.entropy import filter_entropies, layer_entropies
-    from distgraft.graft import coefficient, graft_plan
-    from distgraft.graft.entropy import layer_entropies as moved_entropies
-    from distgraft.graft.math import coefficient as moved_coefficient
-    from distgraft.ring import ring_exchange
+# tools/: the command modules, and the two that only serve them.
+TOOLS = PACKAGE / "tools"
+COMPRESS_TOOLS = TOOLS / "compress"
+NOT_COMMANDS = {
+    TOOLS / "__init__.py",
+    COMPRESS_TOOLS / "__init__.py",
+    COMPRESS_TOOLS / "cli.py",  # registers the compress commands: imports each of them
+    COMPRESS_TOOLS / "common.py",  # what the compress commands share
+}
+COMMANDS = [p for p in sorted(TOOLS.rglob("*.py")) if p not in NOT_COMMANDS]
 
-    assert layer_entropies is moved_entropies and callable(filter_entropies)
-    assert coefficient is moved_coefficient and callable(graft_plan)
-    assert ring_exchange is moved_ring
+
+
+def test_the_trainer_knows_no_method() -> None:
+    """Losses, gradient edits and training-time compression are parts in train/ that the
+    trainer calls; it imports nothing from compress/ (nor distill/)."""
+    trainer = PACKAGE / "train" / "trainer.py"
+    assert offending(trainer, ("distgraft.compress", "distgraft.distill")) == []
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+def test_the_command_modules_are_found() -> None:
+    names = {module_name(p) for p in COMMANDS}
+    expected = {f"distgraft.tools.compress.{c}" for c in
+                ("prune", "info", "magnitude", "lowrank", "sensitivity", "trim")}  # fmt: skip
+    assert expected | {"distgraft.tools.analyze", "distgraft.tools.report"} <= names
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=rel)
+def test_no_command_imports_another(path: Path) -> None:
+    others = tuple(module_name(p) for p in COMMANDS if p != path)
+    assert offending(path, others) == [], f"{rel(path)} imports another command module"
+
+
+@pytest.mark.parametrize("path", sorted(COMPRESS_TOOLS.rglob("*.py")), ids=rel)
+def test_compress_tools_import_only_downward(path: Path) -> None:
+    above = ("distgraft.train.trainer", "distgraft.train.cli", "distgraft.cli",
+             "distgraft.__main__", "distgraft.tools")  # fmt: skip
+    own = "distgraft.tools.compress"
+    found = [n for n in offending(path, above) if n != own and not n.startswith(own + ".")]
+    assert found == [], f"{rel(path)} imports {found}: tools/compress/ imports only downward"
+    if path.name != "cli.py":  # only the registration imports the command modules
+        commands = tuple(module_name(p) for p in COMMANDS if p.parent == COMPRESS_TOOLS)
+        assert offending(path, commands) == [], f"{rel(path)} imports a command module"
+
+
+def test_the_checker_sees_a_command_importing_another(tmp_path: Path, monkeypatch) -> None:
+    """The package-relative and absolute forms both count, inside functions too."""
+    folder = tmp_path / "distgraft" / "tools" / "compress"
+    folder.mkdir(parents=True)
+    forms = ["from distgraft.tools.compress.prune import run_prune",
+             "from distgraft.tools.compress import prune",
+             "def f():\n    from .prune import run_prune\n",
+             "import distgraft.tools.compress.prune"]  # fmt: skip
+    for text in forms:
+        f = folder / "lowrank.py"
+        f.write_text(text + "\n")
+        monkeypatch.setitem(globals(), "PACKAGE", tmp_path / "distgraft")
+        assert offending(f, ("distgraft.tools.compress.prune",)), text

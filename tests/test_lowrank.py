@@ -165,6 +165,22 @@ def test_cli_reports_rank_ratio_and_counts(tmp_path: Path) -> None:
         assert F.softmax(small(x), 1).shape == (3, 10)
 
 
+def test_cli_reports_the_rank_the_energy_asked_for_of_layers_it_keeps(tmp_path: Path) -> None:
+    model = write_checkpoint(tmp_path / "d.pt", "digits_cnn", DIGITS)
+    proc = compress_here("lowrank", str(tmp_path / "d.pt"), "--energy", "0.9", "--json",
+                         "--out", str(tmp_path / "l.pt"))  # fmt: skip
+    rows = {r["layer"]: r for r in json.loads(proc.stdout)["layers"]}
+    conv1 = rows["conv1"]  # 16 filters of 1 x 3 x 3: a basis conv + 1x1 would not be smaller
+    assert conv1["decomposed"] is False and conv1["reason"] == "not smaller"
+    assert conv1["rank"] == choose_rank(model.conv1.weight, energy=0.9) < conv1["filters"]
+    for name, r in rows.items():
+        assert r["rank"] == choose_rank(model.get_submodule(name).weight, energy=0.9), name
+    text = compress_here("lowrank", str(tmp_path / "d.pt"), "--energy", "0.9",
+                         "--out", str(tmp_path / "l.pt")).stdout  # fmt: skip
+    line = next(line for line in text.splitlines() if line.startswith("conv1 "))
+    assert line.split()[1:3] == ["16", str(conv1["rank"])] and "kept" in line
+
+
 @pytest.mark.parametrize(
     ("args", "expect"),
     [([], "give exactly one of --energy"), (["--energy", "0"], "energy 0 is outside (0, 1]"),

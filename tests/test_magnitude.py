@@ -289,6 +289,41 @@ def test_sparse_checkpoint_restores_the_weights_bit_for_bit(tmp_path: Path) -> N
         assert torch.equal(mask, masks.masks[key])
 
 
+def saved_bytes(obj, folder: Path) -> int:
+    """Size of ``obj`` saved as FOLDER/s.pt (torch.save names the archive after the file)."""
+    folder.mkdir()
+    torch.save(obj, folder / "s.pt")
+    return (folder / "s.pt").stat().st_size
+
+
+def test_the_encoding_of_views_saves_only_their_own_bytes(tmp_path: Path) -> None:
+    """Training keeps the weights as views of one flat buffer (the graft's); the encoding
+    must not drag that buffer to disk with the first unmasked tensor it keeps."""
+    model = lenet()
+    masks = prune_masks(model, prunable_weights(model), sparsity=0.9)
+    masks.apply_(model)
+    state = model.state_dict()
+    flat = torch.cat([v.flatten() for v in state.values()])
+    views, start = {}, 0
+    for key, value in state.items():
+        views[key] = flat[start : start + value.numel()].view_as(value)
+        start += value.numel()
+    as_views = saved_bytes(encode_sparse(views, masks), tmp_path / "views")
+    as_copies = saved_bytes(encode_sparse(state, masks), tmp_path / "copies")
+    assert as_views == as_copies < saved_bytes(state, tmp_path / "dense") / 5
+
+
+def test_cli_prints_the_size_of_the_file_it_writes(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "l.pt", "lenet300_100", DIGITS)
+    out = tmp_path / "s.pt"
+    proc = compress_here("magnitude", str(tmp_path / "l.pt"), "--sparsity", "0.9", "--json",
+                         "--out", str(out))  # fmt: skip
+    assert json.loads(proc.stdout)["sparse_bytes"] == out.stat().st_size
+    proc = compress_here("magnitude", str(tmp_path / "l.pt"), "--sparsity", "0.9",
+                         "--out", str(out))  # fmt: skip
+    assert f"{out.stat().st_size:,} B sparse" in proc.stdout, proc.stdout
+
+
 def test_cli_prunes_one_shot_and_writes_a_sparse_checkpoint(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "l.pt", "lenet300_100", DIGITS)
     out = tmp_path / "s.pt"
@@ -352,6 +387,9 @@ def test_grafting_networks_prune_in_rounds_and_keep_their_own_masks(tmp_path: Pa
         sparse = read_checkpoint(tmp_path / "han" / f"net{k}" / "sparse.pt")
         for key, value in weights_of(sparse).items():
             assert torch.equal(value, state["model"][key]), key
+        # 80% of the weights pruned: the file holds a fifth of them and a bit per weight
+        dense = saved_bytes(state["model"], tmp_path / f"dense{k}")
+        assert (tmp_path / "han" / f"net{k}" / "sparse.pt").stat().st_size < dense / 2.5
         masks.append(m)
     assert not torch.equal(masks[0].masks["fc1.weight"], masks[1].masks["fc1.weight"])
     summary = [e for e in evs if e["event"] == "summary"][0]["networks"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from distgraft.telemetry import (
     JsonlSink,
     ZmqSink,
     make_event,
+    new_keys,
     pack_event,
     write_endpoints,
 )
@@ -331,3 +333,118 @@ def test_screen_redraws_in_place_on_a_terminal() -> None:
     screen.draw(["y"], 1)  # plain: only a new version prints a new block
     screen.draw(["z"], 2)
     assert plain.getvalue() == "x\n\nz\n\n"
+
+
+# -- untrusted input: forged events, undeclared networks, terminal control characters ------
+
+EVIL = "evil\x1b]0;pwned\x07\x1b[2J\x9b31m\rfake row\nnet 0 | forged line\u202e"
+
+
+def start_event(networks: int = 2, run_dir: str = "r") -> dict:
+    return make_event("start", 0, 0, world_size=networks, networks=networks, replicas=1,
+                      run_dir=run_dir, config=CONFIG)  # fmt: skip
+
+
+def forged_summary() -> dict:
+    row = {"network": 0, "best_acc": 100.0, "final_acc": 100.0, "invalid_01": 0, "invalid_001": 0}
+    return make_event("summary", 0, 4, networks=[row], ensemble_acc=100.0, run_dir="r")
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pred()
+
+
+def test_a_forged_summary_cannot_end_the_monitor() -> None:
+    keys = new_keys()
+    with Collector(publish="tcp://127.0.0.1:0", keys=keys) as collector:
+        run_sink = ZmqSink(collector.address, keys=keys.client())
+        stranger = ZmqSink(collector.address, linger_ms=0)  # any process on the host
+        mon = InProcessMonitor(collector.publish_address, timeout=20.0)
+        try:
+            mon.until("WARNING: ping", ping(run_sink))
+            feed_run(run_sink)
+            stranger.emit(forged_summary())
+            stranger.emit(epoch_event(99, 0))
+            assert wait_for(lambda: collector.stats()["refused"] >= 1)
+            # the collector publishes its counts; the monitor's footer shows them
+            mon.until("collector refused ", ping(run_sink, "still running"), timeout=60.0)
+            assert mon.thread.is_alive() and "final summary" not in mon.output
+            run_sink.emit(summary_event())
+            assert mon.wait() == 0, mon.output
+            assert collector.stats()["received"] == collector.stats()["accepted"]
+        finally:
+            run_sink.close()
+            stranger.close()
+    out = mon.output
+    assert "ensemble acc: 93.25%" in out and "100.00%" not in out
+    assert not [line for line in out.splitlines() if line.startswith("  99")]
+
+
+def test_monitor_rows_only_for_declared_networks_and_no_control_characters(
+    tmp_path: Path,
+) -> None:
+    """A replayed metrics.jsonl: network 99 gets no row, ESC/BEL/CR never reach the output."""
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink.emit(start_event(run_dir=f"runs/{EVIL}"))
+    for net in (0, 1, 99):
+        sink.emit(epoch_event(net, 0))
+    graft = graft_event(0, 0)
+    sink.emit({**graft, "layers": [EVIL, "conv2.weight"], "warnings": [EVIL]})
+    sink.emit(make_event("warning", 1, 0, message=EVIL))
+    sink.emit(make_event("error", 99, 0, message="from nowhere"))
+    summary = summary_event()
+    rows = [*summary["networks"], {**summary["networks"][0], "network": 99}]
+    sink.emit({**summary, "networks": rows, "run_dir": EVIL})
+    sink.close()
+    buffer = io.StringIO()
+    assert monitor_run(_args(str(tmp_path), timeout=1.0), buffer) == 0
+    out = buffer.getvalue()
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", out), repr(out)
+    table_rows = [line.split()[0] for line in out.splitlines() if re.match(r" +\d+  \d", line)]
+    assert set(table_rows) == {"0", "1"}  # no row for network 99, in the table or summary
+    assert "from nowhere" not in out and "ignored 2 (undeclared networks)" in out
+    summary_rows = [line for line in out.splitlines() if re.match(r" +99 +\d", line)]
+    assert not summary_rows
+
+
+def test_only_the_monitors_own_escape_codes_reach_a_terminal() -> None:
+    board, out = Board(), io.StringIO()
+    screen = Screen(out, plain=False)
+    board.update(start_event())
+    for line in board.update(make_event("warning", 0, 0, message=EVIL)):
+        screen.log(line)
+    board.update(epoch_event(0, 0))
+    screen.draw([*board.table(), board.footer(f"tcp://x{EVIL}", None)], board.changes)
+    screen.log("two\nlines")  # the monitor's own line breaks stay
+    text = out.getvalue()
+    own = re.compile(r"\x1b\[(2K|\d+F\x1b\[J)")
+    assert "\x1b" not in own.sub("", text), repr(text)
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", own.sub("", text))
+    assert "net 0 | WARNING: evil]0;pwned[2J31m fake row net 0 | forged line\n" in text
+    assert text.endswith("\x1b[Jtwo\nlines\n")
+
+
+def test_a_monitor_attached_mid_run_learns_the_runs_networks() -> None:
+    """The collector sends the start event again to every new subscriber."""
+    keys = new_keys()
+    with Collector(publish="tcp://127.0.0.1:0", keys=keys) as collector:
+        sink = ZmqSink(collector.address, keys=keys.client())
+        try:
+            sink.emit(start_event())
+            assert wait_for(lambda: collector.stats()["accepted"] == 1)
+            mon = InProcessMonitor(collector.publish_address)  # after the start was sent
+            mon.until("WARNING: ping", ping(sink))
+            sink.emit(epoch_event(1, 2))
+            sink.emit(epoch_event(99, 2))  # even an authenticated sender gets no extra row
+            sink.emit(graft_event(1, 2) | {"warnings": [EVIL]})
+            sink.emit(summary_event())
+            assert mon.wait() == 0, mon.output
+        finally:
+            sink.close()
+    assert "   1  3/5" in mon.output  # total epochs from the start event sent again
+    assert "net 1 | warning: evil]0;pwned[2J31m fake row net 0 | forged line\n" in mon.output
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", mon.output)
+    assert not [line for line in mon.output.splitlines() if line.startswith("  99")]

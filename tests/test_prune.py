@@ -13,17 +13,28 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
-from compress_helpers import CIFAR, DIGITS, compress, compress_here, plain, write_checkpoint
+from compress_helpers import (
+    CIFAR,
+    DIGITS,
+    compress,
+    compress_here,
+    plain,
+    splits,
+    write_checkpoint,
+)
 from torch import nn
 
 from distgraft.compress.archive import base_arch, load_model
@@ -46,8 +57,12 @@ from distgraft.compress.structure import (
     mask_,
     remove,
 )
+from distgraft.config import config_from_toml
+from distgraft.files import load, load_error
 from distgraft.models import build_model
-from distgraft.tools.compress_cli import printed
+from distgraft.tools.compress.info import printed
+from distgraft.train.data import build_data
+from distgraft.train.evaluate import accuracy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -388,9 +403,178 @@ def test_cli_refuses_unsupported_family_and_foreign_files(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def with_weak_filters(seed: int = 0) -> nn.Module:
+    """digits_cnn whose filters 0 and 3 of every conv have an L1 norm far below 0.01."""
+    torch.manual_seed(seed)
+    model = build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2, model.conv3):
+            conv.weight[[0, 3]] = 1e-7
+    return model
+
+
+def dropped(row: dict) -> dict[str, int]:
+    return {r["layer"]: r["filters"] - r["kept"] for r in row["layers"]}
+
+
+def test_threshold_rules_consider_every_prunable_layer(tmp_path: Path) -> None:
+    """--criterion invalid --threshold T (as the README shows it) without --layers."""
+    write_checkpoint(tmp_path / "d.pt", "digits_cnn", DIGITS, model=with_weak_filters())
+    proc = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "invalid",
+                         "--threshold", "0.01", "--json", "--out", str(tmp_path / "p.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert dropped(json.loads(proc.stdout)) == {"conv1": 2, "conv2": 2, "conv3": 2}
+    proc = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "invalid",
+                         "--skip", "conv2", "--json", "--out", str(tmp_path / "q.pt"))
+    assert dropped(json.loads(proc.stdout)) == {"conv1": 2, "conv2": 0, "conv3": 2}
+    proc = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "invalid",
+                         "--ratio", "0.5", "--out", str(tmp_path / "r.pt"))
+    assert proc.returncode == 2 and "--ratio" in proc.stderr and "threshold" in proc.stderr
+
+
+def hu_rule(model: nn.Module, loader) -> dict[str, int]:
+    """Channels above the layer's mean + 1 std of APoZ over ``loader`` (Hu et al.)."""
+    values = apoz(model, groups_of(model, DIGITS), loader)
+    return {k: int((v > v.mean() + v.std(unbiased=False)).sum()) for k, v in values.items()}
+
+
+def test_apoz_std_rule_prunes_by_the_validation_split(tmp_path: Path) -> None:
+    """`--criterion apoz --apoz-rule std`, an example of the --help, runs; it decides on the
+    validation images of the checkpoint's run, not on the test split."""
+    model = write_checkpoint(tmp_path / "d.pt", "digits_cnn", DIGITS, seed=3)
+    val, test = splits("digits_cnn", DIGITS)
+    assert hu_rule(model, val) != hu_rule(model, test)  # the test can tell the splits apart
+    proc = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "apoz",
+                         "--apoz-rule", "std", "--eval", "--json", "--out", str(tmp_path / "p.pt"))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert dropped(row) == hu_rule(model, val)
+    assert row["acc_split"] == "test"  # --eval reports, it decides nothing
+    assert row["acc_before"] == pytest.approx(accuracy(model, test), abs=1e-9)
+    text = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "apoz", "--apoz-rule",
+                         "std", "--eval", "--out", str(tmp_path / "q.pt"))  # fmt: skip
+    assert "acc (test)" in text.stdout and "APoZ on the validation split" in text.stderr
+
+
+def test_a_run_without_validation_split_decides_on_training_images_and_says_so(
+    tmp_path: Path,
+) -> None:
+    model = write_checkpoint(tmp_path / "d.pt", "digits_cnn", DIGITS, seed=3, val_size=0)
+    default_val, _ = splits("digits_cnn", DIGITS)  # the default size, from the training images
+    proc = compress_here("prune", str(tmp_path / "d.pt"), "--criterion", "apoz",
+                         "--apoz-rule", "std", "--json", "--out", str(tmp_path / "p.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert dropped(json.loads(proc.stdout)) == hu_rule(model, default_val)
+    notes = [line for line in proc.stderr.splitlines() if "trained on" in line]
+    assert len(notes) == 1 and "data.val_size = 0" in notes[0], proc.stderr
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (root ignores permissions: /sys then)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return folder
+    (folder / "probe").unlink()
+    try:
+        (Path("/sys") / "distgraft-probe").touch()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no folder here refuses writes")
+
+
+BAD_OUT = {
+    "folder": (lambda tmp: tmp / "folder", "is a folder"),
+    "under a file": (lambda tmp: tmp / "good.pt" / "x.pt", "is a file, not a folder"),
+    "read-only": (lambda tmp: read_only_folder(tmp) / "x.pt", "cannot write into"),
+}
+COMMANDS = {
+    "prune": ["--ratio", "0.5"],
+    "magnitude": ["--sparsity", "0.5"],
+    "lowrank": ["--energy", "0.9"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("bad", list(BAD_OUT))
+def test_a_bad_out_path_exits_2_before_any_work(tmp_path: Path, command: str, bad: str) -> None:
+    write_checkpoint(tmp_path / "d.pt", "lenet5" if command != "lowrank" else "digits_cnn",
+                     DIGITS)  # fmt: skip
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "keep.pt").write_bytes(b"good")
+    (tmp_path / "good.pt").write_bytes(b"good")
+    where, expect = BAD_OUT[bad]
+    out = where(tmp_path)
+    proc = compress_here(command, str(tmp_path / "d.pt"), *COMMANDS[command], "--eval",
+                         "--out", str(out))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"distgraft compress {command}: error: --out ")
+    assert expect in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stdout == ""  # nothing measured, nothing written
+    assert (tmp_path / "good.pt").read_bytes() == (tmp_path / "folder" / "keep.pt").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["keep.pt"]
+
+
+def test_an_unreadable_checkpoint_is_one_line_without_torch_advice(tmp_path: Path) -> None:
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a module, not weights
+    proc = compress_here("prune", str(tmp_path / "pickled.pt"), "--ratio", "0.5",
+                         "--out", str(tmp_path / "p.pt"))  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "torch.nn.modules.linear.Linear" in proc.stderr
+    for advice in ("weights_only` set to `False", "Re-running", "safe_globals", "\x1b"):
+        assert advice not in proc.stderr
+
+
+BROKEN = {
+    "empty": (lambda good: b"", "empty, cut short"),
+    "cut short": (lambda good: good[: len(good) // 2], "empty, cut short"),
+    "a plain pickle": (lambda good: pickle.dumps({"model": 1}), "not a file torch.save wrote"),
+    "pickled numpy": (None, "numpy"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, for the plain pickle
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_load_error_says_what_is_wrong_in_one_line(tmp_path: Path, kind: str) -> None:
+    """distgraft.files.load_error: torch's several lines and its advice to load unsafely
+    become one line that says what is wrong with the file."""
+    write_checkpoint(tmp_path / "good.pt", "lenet5", DIGITS)
+    make, expect = BROKEN[kind]
+    path = tmp_path / "bad.pt"
+    if make is None:
+        torch.save({"model": {}, "x": np.arange(3)}, path)
+    else:
+        path.write_bytes(make((tmp_path / "good.pt").read_bytes()))
+    with pytest.raises(Exception) as info:
+        load(path)
+    message = load_error(path, info.value)
+    assert message.startswith(f"cannot read {str(path)!r}: ") and expect in message
+    assert "\n" not in message and "False" not in message and "trust" not in message
+
+
 def sensitivity_args(tmp_path: Path, out: str) -> list[str]:
     return [str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--labels", "a", "b",
             "--ratios", "0.25,0.5,0.75", "--out", str(tmp_path / out)]  # fmt: skip
+
+
+def test_sensitivity_evaluates_on_the_validation_split(tmp_path: Path) -> None:
+    model = write_checkpoint(tmp_path / "a.pt", "digits_cnn", DIGITS, seed=1)
+    val, test = splits("digits_cnn", DIGITS)
+    proc = compress_here("sensitivity", str(tmp_path / "a.pt"), "--layers", "conv3",
+                         "--ratios", "0.5", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with (tmp_path / "s" / "sensitivity.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["split"] == "val" and float(row["baseline"]) == accuracy(model, val)
+    assert accuracy(model, val) != accuracy(model, test)
+    pruned = copy.deepcopy(model).eval()
+    group = by_name(groups_of(pruned, DIGITS))["conv3"]
+    weakest = torch.argsort(pruned.conv3.weight.detach().abs().sum((1, 2, 3)), stable=True)
+    mask_(pruned, group, weakest[:16])
+    assert float(row["accuracy"]) == accuracy(pruned, val)
 
 
 @pytest.mark.slow
@@ -452,6 +636,14 @@ def test_trim_rounds_write_events_and_a_smaller_network(tmp_path: Path) -> None:
     assert trims[0]["params"] > trims[1]["params"] and len(trims[0]["layers"]) == 2
     small = load_model(out / "trimmed.pt")
     assert count(small, DIGITS).params == trims[-1]["params"]
+    # the drop is measured on the validation split; test accuracy is reported beside it
+    cfg = config_from_toml(torch.load(out / "trimmed.pt", weights_only=True)["config"])
+    data = build_data(cfg.data, torch.device("cpu"), seed=0, split_seed=cfg.run.seed)
+    start = load_model(tmp_path / "dense" / "net0" / "last.pt")
+    assert trims[-1]["val_acc"] == pytest.approx(accuracy(small, data.val), abs=1e-9)
+    assert trims[-1]["test_acc"] == pytest.approx(accuracy(small, data.test), abs=1e-9)
+    drop = accuracy(start, data.val) - accuracy(small, data.val)
+    assert trims[-1]["acc_drop"] == pytest.approx(drop, abs=1e-9)
     assert "round" in proc.stdout and "trimmed.pt" in proc.stdout
 
 

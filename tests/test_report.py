@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -138,3 +139,57 @@ def test_report_errors(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("not json\n")
     with pytest.raises(ReportError, match="no epoch events"):
         report(tmp_path)
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: a chmod for users, a read-only mount for root."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    for candidate in (Path("/proc/sys"), Path("/sys/fs")):  # read-only in most containers
+        if candidate.is_dir() and not os.access(candidate, os.W_OK):
+            return candidate
+    pytest.skip("running as root without a read-only folder to try")
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distgraft", "report", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "read-only"])
+def test_a_bad_out_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, where: str) -> None:
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, networks=1, epochs=2)
+    good = report(run_dir)  # a report made earlier must survive
+    before = good.read_bytes()
+    if where == "under a file":
+        (tmp_path / "notes.txt").write_text("keep me\n")  # its bytes are in the listing
+        out, expect = tmp_path / "notes.txt" / "plots" / "r.png", "is a file, not a folder"
+    elif where == "a folder":
+        out, expect = run_dir, "is a folder: give a file name"
+    else:
+        out, expect = read_only_folder(tmp_path) / "r.png", "cannot write in"
+    listing = sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*"))
+    proc = report_cli(str(run_dir), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distgraft report: --out "), proc.stderr
+    assert expect in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    after = sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*"))
+    assert after == listing  # nothing made, nothing changed
+    assert good.read_bytes() == before
+    assert out.is_dir() if where == "a folder" else not out.exists()
+
+
+def test_a_new_report_replaces_the_old_one_whole(tmp_path: Path) -> None:
+    write_metrics(tmp_path, networks=1, epochs=2)
+    target = tmp_path / "new" / "folders" / "r.png"
+    assert report(tmp_path, target) == target  # missing folders are made
+    target.write_bytes(b"old")
+    report(tmp_path, target)
+    assert png_size(target)[0] >= 800
+    assert [p.name for p in target.parent.iterdir()] == ["r.png"]  # no temp file left

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distgraft.telemetry import (
+    KEY_FILE,
     REJECT_REASONS,
+    ClientKeys,
     Collector,
     ConsoleSink,
     JsonlSink,
@@ -29,12 +33,15 @@ from distgraft.telemetry import (
     decode_message,
     forget_epochs,
     make_event,
+    new_keys,
     normalize_address,
     pack_event,
     read_endpoints,
     read_jsonl,
+    read_keys,
     validate_event,
     write_endpoints,
+    write_keys,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -230,6 +237,22 @@ def test_console_sink_lines() -> None:
     assert "2 ms" in lines[1]
     assert lines[2] == "net 2 | WARNING: slow peer"
     assert len(lines) == 3
+
+
+def test_trim_lines_show_the_validation_drop_and_older_events_still_read() -> None:
+    trim = {"round": 2, "layers": ["conv2"], "params": 9000, "flops": 20000, "test_acc": 96.0}
+    new = make_event("trim", 0, 2, **trim, val_acc=97.5, acc_drop=0.5)
+    old = make_event("trim", 0, 2, **trim, acc_drop=1.0)  # written before the validation split
+    out = io.StringIO()
+    sink = ConsoleSink(out, epochs=5)
+    sink.emit(new)
+    sink.emit(old)
+    assert out.getvalue().splitlines() == [
+        "trim round 2 | conv2 | 9,000 params 20,000 FLOPs | val 97.50% (-0.50) | test 96.00%",
+        "trim round 2 | conv2 | 9,000 params 20,000 FLOPs | test 96.00% (-1.00)",
+    ]
+    with pytest.raises(SchemaError, match="val_acc"):
+        validate_event({**new, "val_acc": "high"})
 
 
 def test_roundtrip_zmqsink_collector_pub(collector: Collector) -> None:
@@ -481,3 +504,119 @@ def test_telemetry_facade_survives_a_raising_sink(capsys: pytest.CaptureFixture)
     assert tel.errors == {"Exploding": 6}  # 5 emits + close
     err = capsys.readouterr().err
     assert err.count("Exploding") == 1 and "disk full" in err
+
+
+# -- authentication: only the run's processes publish ------------------------------------
+
+
+def forged_summary() -> dict:
+    row = {"network": 0, "best_acc": 100.0, "final_acc": 100.0, "invalid_01": 0, "invalid_001": 0}
+    return make_event("summary", 0, 0, networks=[row], ensemble_acc=100.0, run_dir="r")
+
+
+def test_only_the_runs_own_publishers_get_through() -> None:
+    keys = new_keys()
+    strangers = {
+        "no keys": None,
+        "a client key of its own": ClientKeys(keys.server_public, *zmq.curve_keypair()),
+        "a wrong server key": ClientKeys(
+            zmq.curve_keypair()[0], keys.client_public, keys.client_secret
+        ),
+    }
+    got: list[dict] = []
+    with Collector(publish=None, keys=keys, on_event=got.append) as c:
+        for name, client in strangers.items():
+            refused = c.stats()["refused"]
+            sink = ZmqSink(c.address, keys=client, linger_ms=0)
+            try:
+                sink.emit(forged_summary())
+                assert wait_until(lambda r=refused: c.stats()["refused"] > r), name
+            finally:
+                sink.close()
+        assert c.stats()["received"] == 0  # refused in the handshake: nothing reached decoding
+        own = ZmqSink(c.address, keys=keys.client())
+        try:
+            events = sample_events()
+            for ev in events:
+                own.emit(ev)
+            assert wait_until(lambda: len(got) == len(events))
+        finally:
+            own.close()
+        stats = c.stats()
+    assert got == events and stats["received"] == stats["accepted"] == len(events)
+    assert stats["refused"] >= len(strangers)
+    assert f"{stats['refused']} connections refused" in (c.stats_line() or "")
+
+
+def test_the_key_file_is_private_and_reads_back(tmp_path: Path) -> None:
+    keys = new_keys()
+    old_umask = os.umask(0)  # the most permissive umask must not widen the mode
+    try:
+        path = write_keys(tmp_path / "run", keys)
+    finally:
+        os.umask(old_umask)
+    assert path == tmp_path / "run" / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_keys(tmp_path / "run") == keys
+    assert keys.client() == ClientKeys(keys.server_public, keys.client_public, keys.client_secret)
+    assert len({keys.server_public, keys.client_public}) == 2
+    assert new_keys() != keys  # fresh per run
+    path.write_text('{"server_public": "short"}')
+    with pytest.raises(ValueError, match="not a distgraft key file"):
+        read_keys(tmp_path / "run")
+
+
+# -- bad telemetry addresses stop a run before it starts -----------------------------------
+
+
+def test_preflight_names_the_option_and_the_problem(tmp_path: Path, monkeypatch) -> None:
+    from distgraft.config import ConfigError, TelemetryConfig
+    from distgraft.telemetry.preflight import check_telemetry
+
+    taken = zmq.Context.instance().socket(zmq.PUB)
+    taken.setsockopt(zmq.LINGER, 0)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        cases = {
+            ("address", "tcp://203.0.113.7:0"): "it is not an address of this machine",
+            ("address", "tcp://no-such-host.invalid:0"): "it names no interface",
+            ("address", f"tcp://127.0.0.1:{port}"): "the port is in use",
+            ("address", f"ipc://{tmp_path}/missing/collector"): "its folder does not exist",
+            ("publish", "tcp://203.0.113.7:5558"): "it is not an address of this machine",
+        }
+        for (key, value), why in cases.items():
+            with pytest.raises(ConfigError) as info:
+                check_telemetry(TelemetryConfig(**{key: value}))
+            assert f"telemetry.{key} = {value!r} cannot be bound: {why}" in str(info.value)
+        # a taken publish port is no error: the collector moves to the next free one
+        check_telemetry(TelemetryConfig(publish=f"tcp://127.0.0.1:{port}"))
+        check_telemetry(TelemetryConfig(address="tcp://203.0.113.7:0", zmq=False))
+        check_telemetry(TelemetryConfig(address=f"ipc://{tmp_path}/collector", publish=""))
+    finally:
+        taken.close()
+    c = Collector(f"tcp://127.0.0.1:{port}", publish=None).start()  # the checks let go
+    c.stop()
+    monkeypatch.setattr(zmq, "has", lambda feature: feature != "curve")  # a libzmq without it
+    with pytest.raises(ConfigError, match="telemetry.auth = 'curve' needs a libzmq with CURVE"):
+        check_telemetry(TelemetryConfig())
+    check_telemetry(TelemetryConfig(auth="none"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "--telemetry.address=tcp://127.0.0.1:99999",  # syntax: config validation
+        "--telemetry.address=tcp://203.0.113.7:0",  # another host's: the bind on rank 0
+        "--telemetry.publish=tcp://203.0.113.7:5558",
+    ],
+)
+def test_bad_telemetry_settings_stop_train_with_exit_2(tmp_path: Path, override: str) -> None:
+    from cli_helpers import common, run
+
+    key = override[2:].split("=")[0]
+    cmd = [sys.executable, "-m", "distgraft", "train", *common(tmp_path, "bad", 1), override]
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distgraft train: error: {key} = "), lines
+    assert not (tmp_path / "bad").exists()  # nothing started, nothing written

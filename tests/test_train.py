@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
+from cli_helpers import ROOT, common, events, run, torchrun_cmd
 
 from distgraft.config import Config, with_overrides
 from distgraft.train.trainer import lr_factor, network_lr
@@ -98,61 +94,6 @@ def test_source_none_trains_networks_independently(tmp_path):
     nets = tmp_path / "base"
     w0, w1 = model_state(nets / "net0" / "last.pt"), model_state(nets / "net1" / "last.pt")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # different seeds, no mixing
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d.name))
-    return out
-
-
-def _worker_with_rank(agent: int, rank: int) -> int | None:
-    for pid in _children(agent):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_kill_9_worker_resumes_to_the_same_weights(tmp_path):
-    epochs = 5
-    reference = run(torchrun_cmd(2, *common(tmp_path, "ref", epochs)))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    cmd = torchrun_cmd(2, *common(tmp_path, "killed", epochs), restarts=1)
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    first = tmp_path / "killed" / "net1" / "last.pt"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and agent.poll() is None:
-        time.sleep(0.02)
-    victim = _worker_with_rank(agent.pid, 1)
-    assert victim is not None, "worker of rank 1 not found"
-    os.kill(victim, signal.SIGKILL)
-    out, _ = agent.communicate(timeout=300)
-    assert agent.returncode == 0, out[-4000:]
-
-    evs = events(tmp_path / "killed")
-    starts = [e for e in evs if e["event"] == "start"]
-    assert len(starts) == 2 and starts[1]["epoch"] >= 1  # the restart resumed, not restarted
-    for net in (0, 1):
-        a = model_state(tmp_path / "ref" / f"net{net}" / "last.pt")
-        b = model_state(tmp_path / "killed" / f"net{net}" / "last.pt")
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"net{net} {k} differs after resume"
 
 
 # -- input errors exit 2 before any process group starts ------------------------------------

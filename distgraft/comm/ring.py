@@ -3,22 +3,23 @@
 Each process sends its graftable state to its ring successor and receives its
 predecessor's, with one non-blocking send and one receive per dtype buffer posted
 together (``batch_isend_irecv``: grouped P2P on NCCL) and then waited, so any ring size,
-odd ones included, is deadlock-free. Every wait has a timeout; when it runs out the error
-names the network that did not arrive (looked up in the rendezvous store, where each
-rank marks its arrival) and the epoch, instead of hanging like the reference code's
-polling of checkpoint files.
+odd ones included, is deadlock-free. Every wait has a timeout, and any failure (a timeout,
+a connection closed while posting or waiting) becomes a ``PeerError`` that names the
+network that was lost and the epoch (``comm.peers`` looks it up in the store), instead
+of hanging like the reference code's polling of checkpoint files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from distgraft.comm.dist import all_gather_objects
+from distgraft.comm.peers import Call, PeerError
 
 __all__ = [
     "PeerError",
@@ -29,84 +30,13 @@ __all__ = [
     "PendingExchange",
     "gather_criteria",
     "check_signature",
-    "mark_arrival",
     "flatten_by_dtype",
     "unflatten_by_dtype",
 ]
 
-_ARRIVAL = "distgraft/arrive"
-
-
-class PeerError(RuntimeError):
-    """A peer did not arrive in time (dead, hung, or stuck in a slower epoch)."""
-
 
 class SignatureError(RuntimeError):
     """Two ranks hold models that cannot be grafted together."""
-
-
-def _store() -> dist.Store | None:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # private API; naming the missing peer is a bonus, not a must
-        return None
-
-
-def mark_arrival(epoch: int) -> None:
-    """Record in the rendezvous store that this rank reached the graft of ``epoch``."""
-    store = _store()
-    if store is not None:
-        store.set(f"{_ARRIVAL}/{epoch}/{dist.get_rank()}", "1")
-
-
-def _missing(epoch: int, ranks: Sequence[int]) -> list[int] | None:
-    store = _store()
-    if store is None:
-        return None
-    try:
-        return [r for r in ranks if not store.check([f"{_ARRIVAL}/{epoch}/{r}"])]
-    except Exception:  # the store's host (rank 0's node) is gone too
-        return None
-
-
-def _peer_error(
-    what: str,
-    epoch: int,
-    timeout_s: float,
-    ranks: Sequence[int],
-    replicas: int,
-    cause: Exception,
-    waited_s: float,
-) -> PeerError:
-    missing = _missing(epoch, ranks)
-    if missing:
-        who = ", ".join(f"network {r // replicas} (rank {r})" for r in missing)
-        msg = f"{who} did not reach the graft of epoch {epoch}"
-    else:
-        who = ", ".join(f"network {r // replicas} (rank {r})" for r in ranks)
-        msg = f"lost {who} at the graft of epoch {epoch}"
-    how = (
-        f"no answer within dist.timeout_s = {timeout_s:g} s"
-        if waited_s >= timeout_s * 0.95
-        else f"the connection failed after {waited_s:.1f} s"
-    )
-    return PeerError(
-        f"rank {dist.get_rank()}: {msg} ({how} while waiting for {what}); the peer "
-        f"process died, hangs, or runs a different schedule (cause: {cause})"
-    )
-
-
-def _wait(works, timeout_s: float, on_error) -> None:
-    """Wait for every work item; ``on_error(cause, waited_s)`` builds the error to raise."""
-    start = time.monotonic()
-    for work in works:
-        left = max(timeout_s - (time.monotonic() - start), 0.001)
-        try:
-            ok = work.wait(timedelta(seconds=left))
-        except RuntimeError as e:
-            raise on_error(e, time.monotonic() - start) from e
-        if ok is False:
-            raise on_error(RuntimeError("wait returned False"), time.monotonic() - start)
 
 
 def _dense(t: Tensor) -> bool:
@@ -180,12 +110,12 @@ def unflatten_by_dtype(buffers: dict[torch.dtype, Tensor], like: Sequence[Tensor
 class PendingExchange:
     """Sends and receives in flight; ``wait()`` returns the received buffers."""
 
-    def __init__(self, works: list, received: list[Tensor], on_timeout, timeout_s: float):
-        self._works, self._received = works, received
-        self._on_timeout, self._timeout_s = on_timeout, timeout_s
+    def __init__(self, works: list, received: list[Tensor], call: Call | None) -> None:
+        self._works, self._received, self._call = works, received, call
 
     def wait(self) -> list[Tensor]:
-        _wait(self._works, self._timeout_s, self._on_timeout)
+        if self._call is not None:
+            self._call.wait(self._works)
         return self._received
 
 
@@ -195,7 +125,7 @@ def post_exchange(
     recv_from: int,
     timeout_s: float,
     epoch: int = -1,
-    replicas: int = 1,
+    replicas: int | None = None,
     wire_dtype: torch.dtype | None = None,
 ) -> PendingExchange:
     """Post the sends of ``buffers`` to rank ``send_to`` and the receives from ``recv_from``.
@@ -204,9 +134,11 @@ def post_exchange(
     travel as ``wire_dtype`` when given (bf16 halves the bytes); received buffers are in
     the wire dtype. The own buffers must not change until ``wait()`` returns. With
     ``send_to == recv_from == self`` (one network) copies of the own buffers come back.
+    A lost partner raises PeerError, from here (a connection already closed) or ``wait()``.
     """
+    call = Call("the graft exchange", epoch, timeout_s, [send_to, recv_from], replicas)
     if send_to == dist.get_rank() and recv_from == send_to:
-        return PendingExchange([], [b.clone() for b in buffers], None, timeout_s)
+        return PendingExchange([], [b.clone() for b in buffers], None)
     sends, recvs = [], []
     for b in buffers:
         dtype = wire_dtype if (wire_dtype is not None and b.is_floating_point()) else b.dtype
@@ -216,15 +148,8 @@ def post_exchange(
     for s, r in zip(sends, recvs, strict=True):
         ops.append(dist.P2POp(dist.isend, s, send_to))
         ops.append(dist.P2POp(dist.irecv, r, recv_from))
-    works = dist.batch_isend_irecv(ops)
-
-    def on_timeout(e: Exception, waited_s: float) -> PeerError:
-        return _peer_error(
-            f"the weights of rank {recv_from} (and to deliver ours to rank {send_to})",
-            epoch, timeout_s, sorted({recv_from, send_to}), replicas, e, waited_s,
-        )  # fmt: skip
-
-    return PendingExchange(works, recvs, on_timeout, timeout_s)
+    works = call.post(lambda: dist.batch_isend_irecv(ops))
+    return PendingExchange(works, recvs, call)
 
 
 def exchange_buffers(
@@ -233,7 +158,7 @@ def exchange_buffers(
     recv_from: int,
     timeout_s: float,
     epoch: int = -1,
-    replicas: int = 1,
+    replicas: int | None = None,
     wire_dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """Send ``buffers`` to global rank ``send_to``; return those received from ``recv_from``."""
@@ -268,20 +193,20 @@ def ring_exchange(
     return unflatten_by_dtype(dict(zip(flat, received, strict=True)), tensors)
 
 
-def gather_criteria(values: Tensor, timeout_s: float, epoch: int = -1, replicas: int = 1) -> Tensor:
+def gather_criteria(
+    values: Tensor,
+    timeout_s: float,
+    epoch: int = -1,
+    replicas: int | None = None,
+    what: str = "the criteria all_gather of the graft",
+) -> Tensor:
     """all_gather of each rank's criterion vector: row r holds rank r's (tiny)."""
     world = dist.get_world_size()
     if world == 1:
         return values[None].clone()
     out = [torch.empty_like(values) for _ in range(world)]
-    work = dist.all_gather(out, values.contiguous(), async_op=True)
-    _wait(
-        [work],
-        timeout_s,
-        lambda e, waited: _peer_error(
-            "every network's criterion", epoch, timeout_s, range(world), replicas, e, waited
-        ),
-    )
+    call = Call(what, epoch, timeout_s, range(world), replicas)
+    call.wait([call.post(lambda: dist.all_gather(out, values.contiguous(), async_op=True))])
     return torch.stack(out)
 
 
@@ -305,11 +230,11 @@ def check_signature(
     if world == 1:
         return
     mine = torch.tensor(list(_digest(signature)), dtype=torch.uint8, device=device)
-    digests = gather_criteria(mine, timeout_s, epoch, replicas)
+    what = "the model signature check of the first graft"
+    digests = gather_criteria(mine, timeout_s, epoch, replicas, what)
     if bool((digests == digests[0]).all()):
         return
-    every: list = [None] * world
-    dist.all_gather_object(every, signature)
+    every = all_gather_objects(signature, device, timeout_s, what, epoch)
     bad = next(r for r in range(world) if every[r] != every[0])
     raise SignatureError(
         f"models differ between rank 0 (network 0) and rank {bad} (network {bad // replicas}): "

@@ -9,6 +9,7 @@ checkpoint records how to rebuild it from that base, next to the weights (a plai
  "kind": "pruned" | "lowrank" | "sparse" | ...,
  "arch": {"model": "resnet56",      # the base model (distgraft.models name)
           "num_classes": 10, "in_channels": 3, "input_shape": [3, 32, 32],
+          "width": 1.0,             # model.width (absent in older checkpoints: 1)
           "edits": [{"op": "prune", "group": "layer1.0.conv1", "keep": [0, 3, ...]},
                     {"op": "lowrank", "layer": "layer3.8.conv1", "rank": 12},
                     {"op": "dropout", "module": "drop1", "p": 0.21}, ...]},
@@ -31,7 +32,7 @@ from typing import Any
 import tomllib
 from torch import nn
 
-from distgraft.files import load, save_atomic
+from distgraft.files import load, load_error, save_atomic
 from distgraft.models import build_model, is_known_model
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "kind_of",
     "base_arch",
+    "width_of",
     "read_checkpoint",
     "arch_of",
     "config_of",
@@ -62,16 +64,26 @@ class CheckpointError(ValueError):
 
 
 def base_arch(
-    model: str, num_classes: int, in_channels: int, input_shape: Sequence[int]
+    model: str,
+    num_classes: int,
+    in_channels: int,
+    input_shape: Sequence[int],
+    width: float = 1.0,
 ) -> dict[str, Any]:
-    """The ``arch`` record of an unmodified ``model``."""
+    """The ``arch`` record of an unmodified ``model`` (``width``: its width multiplier)."""
     return {
         "model": model,
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
         "input_shape": [int(s) for s in input_shape],
+        "width": float(width),
         "edits": [],
     }
+
+
+def width_of(arch: dict[str, Any]) -> float:
+    """The width multiplier an ``arch`` record was built with (1 before it was recorded)."""
+    return float(arch.get("width", 1.0))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -82,9 +94,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = load(path)
     except Exception as e:  # unpickling refused, torn file, not a torch file at all
-        raise CheckpointError(
-            f"cannot read {str(path)!r} as a distgraft checkpoint ({type(e).__name__}: {e})"
-        ) from e
+        raise CheckpointError(load_error(path, e)) from None
     if not isinstance(state, dict) or not ("model" in state or "sparse" in state):
         raise CheckpointError(
             f"{str(path)!r} is not a distgraft checkpoint (no model weights); expected a file "
@@ -117,7 +127,7 @@ def config_of(state: dict[str, Any]) -> dict[str, Any]:
 
 # Classes and input shape of the datasets, for checkpoints written before ``arch`` existed.
 _DATASETS = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)),
-             "cifar100": (100, (3, 32, 32))}  # fmt: skip
+             "cifar100": (100, (3, 32, 32)), "fashion-mnist": (10, (1, 28, 28))}  # fmt: skip
 
 
 def _inferred_arch(state: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +146,8 @@ def _inferred_arch(state: dict[str, Any]) -> dict[str, Any]:
         size = int(data.get("image_size", 224))
         shape = (3, size, size)
         classes = _classifier_rows(state.get("model", {}))
-    return base_arch(name, classes, shape[0], shape)
+    width = cfg.get("model", {}).get("width", 1.0)
+    return base_arch(name, classes, shape[0], shape, width)
 
 
 def _classifier_rows(weights: dict[str, Any]) -> int:
@@ -183,7 +194,10 @@ def build(arch: dict[str, Any]) -> nn.Module:
     name = arch["model"]
     if not is_known_model(name):
         raise CheckpointError(f"the checkpoint's model {name!r} is not a known model")
-    model = build_model(name, arch["num_classes"], arch["in_channels"])
+    try:
+        model = build_model(name, arch["num_classes"], arch["in_channels"], width_of(arch))
+    except ValueError as e:  # a width the model does not take
+        raise CheckpointError(f"the checkpoint's architecture cannot be built: {e}") from e
     apply_edits(model, arch.get("edits", []), arch["input_shape"])
     return model
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "Counts",
     "count",
     "layer_flops",
+    "hooked_forward",
     "count_params",
     "paper_params",
     "latency_ms",
@@ -82,19 +83,26 @@ def _macs(module: nn.Module, output: Tensor) -> int:
 
 
 @torch.no_grad()
-def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """MACs of each conv/linear module (by name) for one image of ``input_shape``.
+def hooked_forward(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    wanted: Callable[[str, nn.Module], bool],
+    seen: Callable[[str, nn.Module, Tensor], None],
+) -> None:
+    """One eval-mode forward pass of a zero image, ``seen(name, module, output)`` after every
+    call of a module for which ``wanted(name, module)`` holds.
 
-    Measured by running the model once in eval mode on a zero image with forward hooks, so
-    any architecture works, and a module called twice is counted twice.
+    Shapes and multiply-accumulates depend on the architecture, not on the values, so one
+    image of zeros tells them for any model: the FLOPs here and the feature-map sizes of
+    ``structure.groups_of`` are read off this pass. The model's mode is restored and the
+    hooks removed, also when the forward pass fails.
     """
-    flops: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, WEIGHTED):
+        if wanted(name, module):
 
             def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-                flops[name] = flops.get(name, 0) + _macs(m, out)
+                seen(name, m, out)
 
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -106,6 +114,19 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs of each conv/linear module (by name) for one image of ``input_shape``.
+
+    A module called twice is counted twice.
+    """
+    flops: dict[str, int] = {}
+
+    def seen(name: str, module: nn.Module, out: Tensor) -> None:
+        flops[name] = flops.get(name, 0) + _macs(module, out)
+
+    hooked_forward(model, input_shape, lambda _, m: isinstance(m, WEIGHTED), seen)
     return flops
 
 

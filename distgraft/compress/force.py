@@ -11,8 +11,17 @@ tangent of the filter's sphere, so the filter norms are left to the data loss.
 With filter i flattened to W_i, its direction w_i = W_i / |W_i| and d = |w_j - w_i|:
 
     f_ji = (w_j - w_i) s(d)        s = 1 (degradation), 1/d (constant), 1/d^2 (linear),
-                                        1/d^3 (gravity); pairs with d = 0 add nothing
+                                        1/d^3 (gravity); pairs at one point add nothing
     Delta W_i = |W_i| sum_j (f_ji - (f_ji . w_i) w_i)
+
+Two filters are at one point when their directions are closer than sqrt(eps) of the
+weights' dtype (3.5e-4 in float32, 1.5e-8 in float64), i.e. when scaled to the same norm
+they differ by less than that fraction of it. Directions are rounded to about eps, so a
+closer distance has fewer than half its digits right: 2.5 x a filter lies 1e-7 from it in
+float32, and 1/d^3 of that rounding noise would swamp the layer. Every pair that does
+count is at least sqrt(eps) apart, which bounds its pull |w_j - w_i| s(d) by
+eps^((1 - p) / 2) for s = d^-p (p > 1; at most 2 otherwise), and float32 gives the float64
+force with the pairs below its resolution left out.
 
 Training subtracts ``force_decay x Delta W`` from the gradient (Wen et al.'s lambda_s), so
 an SGD step moves every filter towards the others. The sums over j are matrix products
@@ -33,6 +42,7 @@ __all__ = [
     "KINDS",
     "FORCE_LAYERS",
     "force_term",
+    "same_point",
     "force_layers",
     "add_force_to_grads_",
     "rank_at_energy",
@@ -44,8 +54,11 @@ FORCE_LAYERS = ("conv", "conv+linear")
 """The layers whose filters attract each other."""
 
 _POWER = {"degradation": 0, "constant": 1, "linear": 2, "gravity": 3}
-_SAME = 1e-12
-"""Pairs of directions closer than this count as d = 0 (no direction to pull along)."""
+
+
+def same_point(dtype: torch.dtype) -> float:
+    """Distance of unit directions below which two filters are one point: sqrt(eps)."""
+    return torch.finfo(dtype).eps ** 0.5
 
 
 @torch.no_grad()
@@ -55,7 +68,7 @@ def force_term(weight: Tensor, kind: str = "degradation") -> Tensor:
         raise ValueError(f"force kind {kind!r}: allowed {', '.join(KINDS)}")
     W = weight.detach().reshape(weight.shape[0], -1)
     norm = W.norm(dim=1, keepdim=True)
-    w = torch.where(norm > 0, W / norm.clamp_min(torch.finfo(W.dtype).tiny), 0.0)
+    w = _directions(W)
     if kind == "degradation":  # s = 1 for every pair: sum_j (w_j - w_i) = S - N w_i
         pull = w.sum(0, keepdim=True) - w.shape[0] * w
     else:
@@ -64,13 +77,23 @@ def force_term(weight: Tensor, kind: str = "degradation") -> Tensor:
     return (norm * tangent).reshape(weight.shape)
 
 
+def _directions(W: Tensor) -> Tensor:
+    """Unit rows (0 for a zero row). Each row is first divided by its largest |entry|, so
+    the squares of a tiny filter neither underflow nor lose the direction's digits."""
+    peak = W.abs().amax(dim=1, keepdim=True)
+    scaled = W / torch.where(peak > 0, peak, 1.0)
+    norm = scaled.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, scaled / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
 def _scaled_pull(w: Tensor, power: int) -> Tensor:
-    """sum_j (w_j - w_i) / d_ij^power = A w - rowsum(A) w_i with A_ij = d_ij^-power."""
+    """sum_j (w_j - w_i) / d_ij^power = A w - rowsum(A) w_i with A_ij = d_ij^-power, over
+    the pairs farther apart than ``same_point`` (the others are one point)."""
     # Differences, not the Gram matrix: 2 - 2 w_i.w_j cancels to ~sqrt(eps) for nearly equal
-    # directions, and 1/d^3 of such a d would swamp the layer.
+    # directions, which is all the resolution there is.
     d = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")
-    far = d > _SAME
-    scale = torch.where(far, d.clamp_min(_SAME).pow(-power), 0.0)
+    tol = same_point(w.dtype)
+    scale = torch.where(d > tol, d.clamp_min(tol).pow(-power), 0.0)
     return scale @ w - scale.sum(1, keepdim=True) * w
 
 

@@ -410,15 +410,19 @@ def encode_sparse(state: Mapping[str, Tensor], masks: Masks) -> dict:
     dtype takes numel / 8 + 4 kept bytes for float32: 7.6x smaller than dense at 90%
     sparsity. Index lists only win above ~97% sparsity; one simple format is kept.
     Plain tensors and containers only: loads with torch.load(weights_only=True).
+
+    Every tensor is a copy with a storage of its own: torch.save writes whole storages,
+    and training keeps the weights as views of one flat buffer (the graft's), so a view
+    kept as it is would take the whole buffer to disk.
     """
     dense, sparse = {}, {}
     for key, value in state.items():
         if key not in masks:
-            dense[key] = value.detach().cpu()
+            dense[key] = value.detach().to("cpu", copy=True)
             continue
         mask = masks.masks[key].cpu()
         bits = torch.from_numpy(np.packbits(mask.flatten().numpy()))
-        values = value.detach().cpu().flatten()[mask.flatten()].clone()
+        values = value.detach().cpu().flatten()[mask.flatten()]  # indexing copies
         sparse[key] = {"shape": list(value.shape), "bits": bits, "values": values}
     return {"format": SPARSE_FORMAT, "dense": dense, "sparse": sparse, "order": list(state)}
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distgraft.compress.counting import hooked_forward
+
 __all__ = [
     "Group",
     "UnsupportedModel",
@@ -51,9 +53,13 @@ class UnsupportedModel(ValueError):
     """Channel removal does not know this model family."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Group:
-    """Channels that are removed together; named after the layer whose filters are scored."""
+    """Channels that are removed together; named after the layer whose filters are scored.
+
+    Written with keywords (``producers=``, ``norms=``, ``consumers=``, ...), so that each
+    family's rules below read like the papers' rules.
+    """
 
     name: str
     """The scored module (the leader): the first of ``producers``."""
@@ -89,9 +95,9 @@ def _cifar_resnet(model: nn.Module) -> list[Group]:
         for i, _ in enumerate(getattr(model, f"layer{s}")):
             p = f"layer{s}.{i}"
             groups.append(
-                Group(f"{p}.conv1", (f"{p}.conv1",), (f"{p}.bn1",), (), (f"{p}.conv2",),
-                      f"{p}.bn1", slope)  # fmt: skip
-            )
+                Group(name=f"{p}.conv1", producers=(f"{p}.conv1",), norms=(f"{p}.bn1",),
+                      consumers=(f"{p}.conv2",), act=f"{p}.bn1", negative_slope=slope)
+            )  # fmt: skip
     return groups
 
 
@@ -103,14 +109,14 @@ def _vgg(model: nn.Module) -> list[Group]:
     for k, i in enumerate(convs):
         nxt = f"features.{convs[k + 1]}" if k + 1 < len(convs) else head
         groups.append(
-            Group(f"features.{i}", (f"features.{i}",), (f"features.{i + 1}",), (), (nxt,),
-                  f"features.{i + 1}")  # fmt: skip
-        )
+            Group(name=f"features.{i}", producers=(f"features.{i}",),
+                  norms=(f"features.{i + 1}",), consumers=(nxt,), act=f"features.{i + 1}")
+        )  # fmt: skip
     if isinstance(classifier, nn.Sequential):  # Li's Linear-BN-ReLU-Linear head
         groups.append(
-            Group("classifier.0", ("classifier.0",), ("classifier.1",), (), ("classifier.3",),
-                  "classifier.1")  # fmt: skip
-        )
+            Group(name="classifier.0", producers=("classifier.0",), norms=("classifier.1",),
+                  consumers=("classifier.3",), act="classifier.1")
+        )  # fmt: skip
     return groups
 
 
@@ -121,23 +127,28 @@ def _mobilenetv2(model: nn.Module) -> list[Group]:
         readers = ("layers.0.conv1",)
         if first.residual:
             readers += ("layers.0.shortcut.0",)
-        groups.append(Group("conv1", ("conv1",), ("bn1",), (), readers, "bn1"))
+        groups.append(Group(name="conv1", producers=("conv1",), norms=("bn1",),
+                            consumers=readers, act="bn1"))  # fmt: skip
     for i, _ in enumerate(model.layers):
         p = f"layers.{i}"
         groups.append(
-            Group(f"{p}.conv1", (f"{p}.conv1",), (f"{p}.bn1", f"{p}.bn2"), (f"{p}.conv2",),
-                  (f"{p}.conv3",), f"{p}.bn1")  # fmt: skip
-        )
-    groups.append(Group("conv2", ("conv2",), ("bn2",), (), ("linear",), "bn2"))
+            Group(name=f"{p}.conv1", producers=(f"{p}.conv1",), norms=(f"{p}.bn1", f"{p}.bn2"),
+                  depthwise=(f"{p}.conv2",), consumers=(f"{p}.conv3",), act=f"{p}.bn1")
+        )  # fmt: skip
+    groups.append(Group(name="conv2", producers=("conv2",), norms=("bn2",),
+                        consumers=("linear",), act="bn2"))  # fmt: skip
     return groups
 
 
 def _digits_cnn(model: nn.Module) -> list[Group]:
     return [
-        Group("conv1", ("conv1",), ("bn1",), (), ("conv2",), "bn1"),
-        Group("conv2", ("conv2",), ("bn2",), (), ("conv3",), "bn2"),
-        Group("conv3", ("conv3",), ("bn3",), (), ("linear",), "bn3"),
-    ]
+        Group(name="conv1", producers=("conv1",), norms=("bn1",), consumers=("conv2",),
+              act="bn1"),
+        Group(name="conv2", producers=("conv2",), norms=("bn2",), consumers=("conv3",),
+              act="bn2"),
+        Group(name="conv3", producers=("conv3",), norms=("bn3",), consumers=("linear",),
+              act="bn3"),
+    ]  # fmt: skip
 
 
 def _torchvision_resnet(model: nn.Module) -> list[Group]:
@@ -156,7 +167,8 @@ def _torchvision_resnet(model: nn.Module) -> list[Group]:
             inner = ("conv1", "conv2", "conv3") if hasattr(block, "conv3") else ("conv1", "conv2")
             for a, b in zip(inner, inner[1:], strict=False):
                 bn = f"{p}.bn{a[-1]}"
-                groups.append(Group(f"{p}.{a}", (f"{p}.{a}",), (bn,), (), (f"{p}.{b}",), bn))
+                groups.append(Group(name=f"{p}.{a}", producers=(f"{p}.{a}",), norms=(bn,),
+                                    consumers=(f"{p}.{b}",), act=bn))  # fmt: skip
             last, last_bn = f"{p}.{inner[-1]}", f"{p}.bn{inner[-1][-1]}"
             stream["consumers"].append(f"{p}.conv1")
             if block.downsample is not None:
@@ -169,24 +181,25 @@ def _torchvision_resnet(model: nn.Module) -> list[Group]:
     stream["consumers"].append("fc")
     for st in streams:  # the stream's activation is a sum, not a module output: no APoZ
         groups.append(
-            Group(st["producers"][0], tuple(st["producers"]), tuple(st["norms"]), (),
-                  tuple(st["consumers"]), None, default=False)  # fmt: skip
-        )
+            Group(name=st["producers"][0], producers=tuple(st["producers"]),
+                  norms=tuple(st["norms"]), consumers=tuple(st["consumers"]), act=None,
+                  default=False)
+        )  # fmt: skip
     return groups
 
 
 def _lenet300_100(model: nn.Module) -> list[Group]:
     return [
-        Group("fc1", ("fc1",), (), (), ("fc2",), "fc1"),
-        Group("fc2", ("fc2",), (), (), ("fc3",), "fc2"),
+        Group(name="fc1", producers=("fc1",), consumers=("fc2",), act="fc1"),
+        Group(name="fc2", producers=("fc2",), consumers=("fc3",), act="fc2"),
     ]
 
 
 def _lenet5(model: nn.Module) -> list[Group]:
     return [
-        Group("conv1", ("conv1",), (), (), ("conv2",), "conv1"),
-        Group("conv2", ("conv2",), (), (), ("fc1",), "conv2"),
-        Group("fc1", ("fc1",), (), (), ("fc2",), "fc1"),
+        Group(name="conv1", producers=("conv1",), consumers=("conv2",), act="conv1"),
+        Group(name="conv2", producers=("conv2",), consumers=("fc1",), act="conv2"),
+        Group(name="fc1", producers=("fc1",), consumers=("fc2",), act="fc1"),
     ]
 
 
@@ -247,30 +260,6 @@ def _slope(act: nn.Module) -> float:
 # -- shapes, stages -------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _probe(model: nn.Module, names: set[str], input_shape: Sequence[int]) -> dict[str, Tensor]:
-    """Output of each named module for one zero image (for feature-map sizes)."""
-    seen: dict[str, Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name in names:
-
-            def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-                seen[name] = out
-
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters())
-        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return seen
-
-
 def groups_of(model: nn.Module, input_shape: Sequence[int]) -> list[Group]:
     """The prunable groups of ``model`` in forward order, with channels, stages, spatial.
 
@@ -280,8 +269,11 @@ def groups_of(model: nn.Module, input_shape: Sequence[int]) -> list[Group]:
     """
     groups = _BUILDERS[family_of(model)](model)
     modules = dict(model.named_modules())
-    seen = _probe(model, {g.name for g in groups}, input_shape)
-    sizes = sorted({_area(seen[g.name]) for g in groups}, reverse=True)
+    names = {g.name for g in groups}
+    area: dict[str, int] = {}
+    hooked_forward(model, input_shape, lambda name, _: name in names,
+                   lambda name, _, out: area.setdefault(name, _area(out)))  # fmt: skip
+    sizes = sorted(set(area.values()), reverse=True)
     out = []
     for g in groups:
         channels = _out_channels(modules[g.name])
@@ -289,7 +281,7 @@ def groups_of(model: nn.Module, input_shape: Sequence[int]) -> list[Group]:
         for c in g.consumers:
             if isinstance(modules[c], nn.Linear):
                 spatial[c] = modules[c].in_features // channels
-        stage = sizes.index(_area(seen[g.name])) + 1
+        stage = sizes.index(area[g.name]) + 1
         out.append(replace(g, channels=channels, stage=stage, spatial=spatial or None))
     return out
 

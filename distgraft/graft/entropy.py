@@ -30,6 +30,7 @@ __all__ = [
     "filter_l1",
     "entropy_from_counts",
     "invalid_filters",
+    "filter_tail",
 ]
 
 
@@ -192,3 +193,26 @@ def invalid_filters(weights: Sequence[Tensor], thresholds: Sequence[float]) -> l
     l1 = torch.cat([filter_l1(w) for w in weights])
     limits = torch.tensor(list(thresholds), device=l1.device, dtype=l1.dtype)
     return (l1[None, :] < limits[:, None]).sum(1).tolist()
+
+
+TAIL_THRESHOLDS = (0.01, 0.1, 1.0)
+
+
+def filter_tail(weights: Sequence[Tensor]) -> dict[str, float | int]:
+    """The low end of the filter-L1 distribution of ``weights`` (conv layers), in one sync.
+
+    Counts below the grafting paper's thresholds 0.01 and 0.1 (its "invalid" filters) and
+    below 1, and the minimum, 1st and 5th percentile: a drift of the weakest filters shows
+    here long before any filter crosses the paper's thresholds. Non-finite filters raise.
+    """
+    if len(weights) == 0:
+        return {}
+    l1 = torch.cat([filter_l1(w) for w in weights]).double()
+    stats = torch.cat([
+        (l1[None, :] < torch.tensor(TAIL_THRESHOLDS, dtype=l1.dtype, device=l1.device)[:, None])
+        .sum(1).double(),
+        l1.min()[None],
+        torch.quantile(l1, torch.tensor([0.01, 0.05], dtype=l1.dtype, device=l1.device)),
+    ]).tolist()  # fmt: skip
+    below = {f"below_{t:g}": int(n) for t, n in zip(TAIL_THRESHOLDS, stats, strict=False)}
+    return {**below, "min": stats[3], "p1": stats[4], "p5": stats[5], "filters": l1.numel()}

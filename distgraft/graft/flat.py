@@ -159,6 +159,8 @@ class FlatState:
                 selfs.append(own)
                 ends.append(other)
                 weights.append(w)
+            if not selfs:  # every layer kept or taken (a diverged network's first graft)
+                return
             if level == "layer":
                 torch._foreach_lerp_(selfs, ends, weights)
             else:

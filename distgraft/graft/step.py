@@ -4,12 +4,14 @@
 state, whether the peers' signatures were checked); ``graft_step`` is the one-call form.
 The order of one external graft:
 
-1. mark arrival in the rendezvous store (so a timeout can name who is missing);
-2. first graft only: all ranks compare model signatures (names, shapes, dtypes);
-3. own criterion in one batched pass, all_gather of every rank's criterion vector;
-4. ring exchange of the flat state (own pre-graft weights out, predecessor's in);
-5. alpha from own and predecessor criterion; non-finite tensors are not mixed;
-6. one fused lerp per dtype buffer, and a record for telemetry.
+1. first graft only: all ranks compare model signatures (names, shapes, dtypes);
+2. own criterion in one batched pass, all_gather of every rank's criterion vector;
+3. ring exchange of the flat state (own pre-graft weights out, predecessor's in);
+4. alpha from own and predecessor criterion; non-finite tensors are not mixed;
+5. one fused lerp per dtype buffer, and a record for telemetry.
+
+Each collective marks this rank's arrival in the store first, so that a lost peer is
+named in the PeerError (see ``distgraft.comm.peers``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from distgraft.comm.ring import (
     PendingExchange,
     check_signature,
     gather_criteria,
-    mark_arrival,
     post_exchange,
 )
 from distgraft.config import GraftConfig
@@ -65,11 +66,13 @@ class GraftRecord:
     warnings: list[str] = field(default_factory=list)
     invalid_01: int | None = None
     invalid_001: int | None = None
+    taken: list[int] = field(default_factory=list)
+    """Layers (indices into ``layers``) that took the peer's weights whole: own non-finite."""
 
     def event_fields(self) -> dict:
         """Fields of the telemetry event (network and epoch travel separately)."""
         d = asdict(self)
-        del d["epoch"], d["network"]
+        del d["epoch"], d["network"], d["taken"]
         return d
 
 
@@ -139,11 +142,13 @@ class Grafter:
             record.warnings.append("invalid filters not counted: non-finite conv weights")
 
     # -- the step -------------------------------------------------------------------------
-    def step(self, epoch: int) -> GraftRecord:
+    def step(self, epoch: int, own_bad: list[bool] | None = None) -> GraftRecord:
+        """Graft once. ``own_bad`` flags layers to replace by the peer's even where their
+        weights are finite (e.g. their optimizer state is not: the trainer's health check)."""
         start = time.perf_counter()
         self.flat.verify()
         if self.cfg.source == "external":
-            record = self._external(epoch)
+            record = self._external(epoch, own_bad)
         elif self.cfg.source in ("noise", "internal"):
             record = self._local(epoch)
         else:
@@ -152,25 +157,28 @@ class Grafter:
         record.graft_s = time.perf_counter() - start
         return record
 
-    def _external(self, epoch: int) -> GraftRecord:
+    def _external(self, epoch: int, own_bad: list[bool] | None) -> GraftRecord:
         info, cfg = self.info, self.cfg
-        mark_arrival(epoch)
         self._check_signature(epoch)
         t0 = time.perf_counter()
         pending = self._post(epoch)  # the pre-graft weights travel while we compute
         own_ok = self._finite_layers(self.flat.buffers)
+        if own_bad is not None and any(own_bad):
+            own_ok = [ok and not bad for ok, bad in
+                      zip(own_ok or [True] * len(own_bad), own_bad, strict=True)]  # fmt: skip
         h_self = self._criterion(own_ok)
         pred_rank = info.rank_of(info.predecessor)
         h_peer = gather_criteria(h_self, self.timeout_s, epoch, info.replicas)[pred_rank]
         received = pending.wait()
         exchange_s = time.perf_counter() - t0
         peer = dict(zip(self.flat.buffers, received, strict=True))
-        alpha, warnings = self._mix(peer, h_self, h_peer, own_ok)
+        alpha, warnings, take = self._mix(peer, h_self, h_peer, own_ok)
         return GraftRecord(
             epoch, info.network, info.predecessor, cfg.source, cfg.criterion, cfg.level,
             [layer.name for layer in self.plan.layers], self._per_layer_mean(alpha),
             self._per_layer_mean(h_self), self._per_layer_mean(h_peer),
             sum(r.numel() * r.element_size() for r in received), exchange_s, warnings=warnings,
+            taken=[i for i, t in enumerate(take or []) if t],
         )  # fmt: skip
 
     def _check_signature(self, epoch: int) -> None:
@@ -201,8 +209,10 @@ class Grafter:
         h_self: Tensor,
         h_peer: Tensor,
         own_ok: list[bool] | None,
-    ) -> tuple[Tensor, list[str]]:
-        """alpha from both criteria, non-finite layers pinned, then the in-place mix."""
+    ) -> tuple[Tensor, list[str], list[bool] | None]:
+        """alpha from both criteria, non-finite layers pinned, then the in-place mix.
+
+        Returns alpha, the warnings, and which layers took the peer's weights whole."""
         cfg = self.cfg
         alpha = coefficient(h_self, h_peer, cfg.a, cfg.c).to(h_self.device)
         peer_ok = self._finite_layers(peer)
@@ -210,7 +220,7 @@ class Grafter:
         self._pin(alpha, keep, 1.0)
         self._pin(alpha, take, 0.0)
         self.flat.mix_(peer, alpha, cfg.level, keep, take)
-        return alpha, warnings
+        return alpha, warnings, take
 
     def _pin(self, alpha: Tensor, layers: list[bool] | None, value: float) -> None:
         """Record alpha = value for flagged layers (all their filters at filter level)."""
@@ -234,7 +244,7 @@ class Grafter:
         warnings = []
         for flags, text in (
             (keep, f"network {peer} sent non-finite weights; kept own weights in"),
-            (take, f"own weights non-finite; took network {peer}'s weights in"),
+            (take, f"own state non-finite; took network {peer}'s weights in"),
         ):
             bad = [names[i] for i in range(n) if flags is not None and flags[i]]
             if bad:

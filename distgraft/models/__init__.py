@@ -5,7 +5,8 @@ Built-ins (see each module for its paper and source):
 
 * ``resnet20/32/56/110`` and their ``_leaky`` twins -- CIFAR ResNets, :mod:`.cifar_resnet`
 * ``mobilenetv2`` -- CIFAR MobileNetV2, :mod:`.mobilenetv2`
-* ``vgg16_bn`` -- CIFAR VGG-16 with BatchNorm, :mod:`.vgg`
+  (both take a width multiplier, ``model.width``)
+* ``vgg16_bn`` -- CIFAR VGG-16 with BatchNorm, :mod:`.vgg` (pads inputs below 32x32)
 * ``vgg16_li`` -- the same with Li et al.'s 512-512 classifier (pruning presets), :mod:`.vgg`
 * ``digits_cnn`` -- small CNN for 8x8 digits, :mod:`.small`
 * ``lenet300_100``, ``lenet5`` -- Han et al.'s LeNets sized for 8x8 digits, :mod:`.lenet`
@@ -35,7 +36,7 @@ from distgraft.models.mobilenetv2 import mobilenetv2
 from distgraft.models.small import digits_cnn
 from distgraft.models.vgg import vgg16_bn, vgg16_li
 
-__all__ = ["MODEL_NAMES", "TORCHVISION_PREFIX", "build_model", "is_known_model"]
+__all__ = ["MODEL_NAMES", "WIDTH_MODELS", "TORCHVISION_PREFIX", "build_model", "is_known_model"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -58,6 +59,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 """Names of the built-in models accepted by :func:`build_model`."""
+
+WIDTH_MODELS: tuple[str, ...] = tuple(
+    n for n in MODEL_NAMES if n.startswith(("resnet", "mobilenetv2"))
+)
+"""The models that take a width multiplier (``model.width``): the CIFAR ResNets, MobileNetV2."""
 
 
 def _torchvision_archs() -> list[str]:
@@ -85,16 +91,26 @@ def _unknown(name: str) -> ValueError:
     )
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, width: float = 1.0
+) -> nn.Module:
     """Build model ``name`` with randomly initialised weights.
 
     ``in_channels`` sets the input channels of the first conv of the built-ins; torchvision
-    models take 3-channel images only.
+    models take 3-channel images only. ``width`` multiplies the filter counts of the models
+    in ``WIDTH_MODELS`` (see each for the rounding); the others take 1 only.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if width != 1 and name not in WIDTH_MODELS:
+        raise ValueError(
+            f"model {name!r} takes width 1 only, got {width}; a width multiplier applies "
+            f"to {', '.join(WIDTH_MODELS)}"
+        )
+    if name in WIDTH_MODELS:
+        return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, width=width)
     if name in _BUILDERS:
         return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
     if not is_known_model(name):

@@ -8,6 +8,10 @@ parameter-free "option A" of the paper: subsample with stride 2 and pad the new 
 with zeros. That keeps the counts of the paper (ResNet-32: 0.46M parameters, 1136 conv
 filters) which a 1x1-conv projection shortcut would change.
 
+``width`` multiplies every filter count (stem and the three stages), rounded to the nearest
+integer and at least 1: width 0.5 gives 8/16/32 filters, a quarter of the FLOPs (a narrow
+network for a CPU budget). Width 1 is the paper's network.
+
 Written from the paper's description. Convs carry no bias because a BatchNorm follows each.
 Submodules are assigned in forward order, conv before its BatchNorm: the grafting code pairs
 each BatchNorm with the conv registered just before it.
@@ -15,6 +19,7 @@ each BatchNorm with the conv registered just before it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -30,10 +35,19 @@ __all__ = [
     "resnet32_leaky",
     "resnet56_leaky",
     "resnet110_leaky",
+    "stage_widths",
 ]
 
 LEAKY_SLOPE = 0.1
 """negative_slope of the ``*_leaky`` variants."""
+
+
+def stage_widths(width: float = 1.0) -> tuple[int, int, int]:
+    """Filters of the three stages (the stem has the first stage's) at ``width``."""
+    if not (width > 0 and math.isfinite(width)):
+        raise ValueError(f"width must be a number > 0, got {width}")
+    a, b, c = (max(1, math.floor(filters * width + 0.5)) for filters in (16, 32, 64))
+    return a, b, c
 
 
 def _activation(leaky: bool) -> nn.Module:
@@ -77,24 +91,26 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         leaky: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        widths = stage_widths(width)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.act = _activation(leaky)
-        in_planes = 16
+        in_planes = widths[0]
         stages = []
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        for planes, stride in zip(widths, (1, 2, 2), strict=True):
             blocks = []
             for i in range(n):
                 blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, leaky))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(64, num_classes)
+        self.linear = nn.Linear(in_planes, num_classes)
         _kaiming_init(self, leaky)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -112,8 +128,8 @@ def _kaiming_init(model: nn.Module, leaky: bool) -> None:
 
 
 def _factory(depth: int, leaky: bool) -> Callable[..., CifarResNet]:
-    def build(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-        return CifarResNet(depth, num_classes, in_channels, leaky)
+    def build(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+        return CifarResNet(depth, num_classes, in_channels, leaky, width)
 
     build.__name__ = f"resnet{depth}" + ("_leaky" if leaky else "")
     build.__doc__ = f"ResNet-{depth} for CIFAR (option-A shortcuts)" + (

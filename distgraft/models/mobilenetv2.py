@@ -12,6 +12,10 @@ the count the grafting paper gives for its CIFAR MobileNetV2; with them it has 1
 default here has no shortcut convs: a block is residual only when stride is 1 and its input
 and output widths match. ``conv_shortcut=True`` gives the other variant.
 
+``width`` is the paper's width multiplier: every layer's channels x width, rounded to a
+multiple of 8 (never below 8, never more than 10% below the exact product), except that the
+last 1x1 conv keeps its 1280 channels for widths below 1, as in the paper (section 6.1).
+
 Written from the paper's table 2 and the description above. Convs carry no bias because a
 BatchNorm follows each. Submodules are assigned in forward order, conv before its BatchNorm:
 the grafting code pairs each BatchNorm with the conv registered just before it.
@@ -19,10 +23,12 @@ the grafting code pairs each BatchNorm with the conv registered just before it.
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MobileNetV2", "mobilenetv2", "CIFAR_CFG"]
+__all__ = ["MobileNetV2", "mobilenetv2", "CIFAR_CFG", "make_divisible"]
 
 # (expansion t, output channels c, repeats n, stride of the first block s); paper's table 2
 # with the second stage's stride changed from 2 to 1 for 32x32 inputs.
@@ -35,6 +41,13 @@ CIFAR_CFG: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """``value`` rounded to a multiple of ``divisor``, at least ``divisor`` and never more
+    than 10% below ``value`` (the rounding of the MobileNet reference implementations)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 class InvertedResidual(nn.Module):
@@ -72,22 +85,33 @@ class MobileNetV2(nn.Module):
     """CIFAR MobileNetV2: 32-filter stem, 17 inverted residual blocks, 1280-d last conv."""
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, conv_shortcut: bool = False
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        conv_shortcut: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
+        if not (width > 0 and math.isfinite(width)):
+            raise ValueError(f"width must be a number > 0, got {width}")
+        stem = make_divisible(32 * width)
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
         self.act = nn.ReLU(inplace=True)
         blocks = []
-        in_planes = 32
+        in_planes = stem
         for t, c, n, s in CIFAR_CFG:
+            out_planes = make_divisible(c * width)
             for i in range(n):
-                blocks.append(InvertedResidual(in_planes, c, t, s if i == 0 else 1, conv_shortcut))
-                in_planes = c
+                blocks.append(
+                    InvertedResidual(in_planes, out_planes, t, s if i == 0 else 1, conv_shortcut)
+                )
+                in_planes = out_planes
         self.layers = nn.Sequential(*blocks)
-        self.conv2 = nn.Conv2d(in_planes, 1280, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(1280)
-        self.linear = nn.Linear(1280, num_classes)
+        last = make_divisible(1280 * max(1.0, width))
+        self.conv2 = nn.Conv2d(in_planes, last, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(last)
+        self.linear = nn.Linear(last, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -100,6 +124,6 @@ class MobileNetV2(nn.Module):
         return self.linear(out)
 
 
-def mobilenetv2(num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
+def mobilenetv2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> MobileNetV2:
     """The CIFAR MobileNetV2 of the grafting paper (no shortcut convs, 17088 conv filters)."""
-    return MobileNetV2(num_classes, in_channels, conv_shortcut=False)
+    return MobileNetV2(num_classes, in_channels, conv_shortcut=False, width=width)

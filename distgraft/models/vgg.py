@@ -4,8 +4,14 @@ for Large-Scale Image Recognition", ICLR 2015; BatchNorm per Ioffe & Szegedy 201
 The grafting paper (Meng et al. 2020) trains VGG16 on CIFAR. The CIFAR form drops the
 ImageNet network's three 4096-wide fully connected layers: after five 2x2 max pools a
 32x32 input is a 1x1x512 feature map, which one Linear(512, num_classes) classifies, as
-in the common CIFAR versions of VGG. Larger inputs are average pooled to 1x1 first; inputs
-smaller than 32x32 do not survive the five pools.
+in the common CIFAR versions of VGG. Larger inputs are average pooled to 1x1 first.
+
+Inputs smaller than 32x32 (Fashion-MNIST's 28x28, digits' 8x8) would not survive the five
+pools, so the model pads them to 32x32 itself, with zeros split evenly on both sides:
+more of the zero padding every 3x3 conv already applies (zero is the normalised mean
+intensity), done once at the input. Padding in the model rather than in the loader keeps
+the datasets model-agnostic and every tool that runs the network (FLOPs counting, pruning
+probes, export) sees the same computation; FLOPs are those of the 32x32 network.
 
 ``features`` is one nn.Sequential of (Conv2d 3x3, BatchNorm2d, ReLU) triples and MaxPool2d,
 so parameter names follow torchvision's ``vgg16_bn`` (``features.0.weight``,
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VGG", "vgg16_bn", "vgg16_li", "VGG16_STAGES"]
+__all__ = ["VGG", "vgg16_bn", "vgg16_li", "VGG16_STAGES", "pad_to"]
 
 # Conv widths of the five stages; each stage ends with a 2x2 max pool. Flattened with "M"
 # for the pools this is the VGG-16 ("D") column of the paper's table 1:
@@ -34,6 +40,15 @@ VGG16_STAGES: tuple[tuple[int, ...], ...] = (
     (512, 512, 512),
     (512, 512, 512),
 )
+
+
+def pad_to(x: Tensor, size: int) -> Tensor:
+    """``x`` [N, C, H, W] zero-padded to at least ``size`` x ``size``, centred (an odd
+    difference puts the extra row / column at the bottom / right)."""
+    dh, dw = max(0, size - x.shape[-2]), max(0, size - x.shape[-1])
+    if not (dh or dw):
+        return x
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
 
 
 class VGG(nn.Module):
@@ -59,6 +74,8 @@ class VGG(nn.Module):
                 c = w
             layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
+        self.min_size = 2 ** len(stages)
+        """Smallest input side that survives the pools; smaller inputs are padded to it."""
         self.classifier: nn.Module = nn.Linear(c, num_classes)
         if hidden:
             self.classifier = nn.Sequential(
@@ -72,12 +89,13 @@ class VGG(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        out = F.adaptive_avg_pool2d(self.features(pad_to(x, self.min_size)), 1).flatten(1)
         return self.classifier(out)
 
 
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
-    """VGG-16 with BatchNorm and a single linear classifier, for 32x32 inputs."""
+    """VGG-16 with BatchNorm and a single linear classifier, for 32x32 inputs (smaller ones
+    are zero-padded to 32x32)."""
     return VGG(VGG16_STAGES, num_classes, in_channels)
 
 

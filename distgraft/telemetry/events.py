@@ -42,8 +42,8 @@ SUMMARY_ROW: dict[str, str] = {
 
 SCHEMA: dict[str, dict[str, str]] = {
     "epoch": {
-        "train_loss": "float",
-        "train_acc": "float",
+        "train_loss": "float?",
+        "train_acc": "float?",
         "test_loss": "float?",
         "test_acc": "float?",
         "lr": "float",
@@ -83,7 +83,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "params": "int",
         "flops": "int",
         "test_acc": "float",
-        "acc_drop": "float",
+        "acc_drop": "float",  # below the start, on the validation split (test: older files)
     },
     "warning": {"message": "str"},
     "error": {"message": "str"},
@@ -94,12 +94,15 @@ SCHEMA: dict[str, dict[str, str]] = {
         "run_dir": "str",
         "config": "str",
     },
+    # Published by the collector itself (never written to metrics.jsonl): its counts.
+    "collector": {"received": "int", "accepted": "int", "rejected": "int", "refused": "int"},
 }
 
 # Fields an event may lack (files written by earlier versions) but, when present, must have
 # these types.
 OPTIONAL: dict[str, dict[str, str]] = {
     "epoch": {"val_loss": "float?", "val_acc": "float?"},
+    "trim": {"val_acc": "float"},
 }
 
 # Extra (unknown) keys may hold any JSON-like value, but not arbitrarily deep ones.

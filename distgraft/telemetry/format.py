@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import tomllib
 
 __all__ = [
+    "clean_text",
+    "clean_event",
     "display_epoch",
     "mean",
     "format_event",
@@ -15,6 +18,33 @@ __all__ = [
     "start_config",
     "config_value",
 ]
+
+
+# C0 and C1 controls (ESC, BEL, CR, the 8-bit CSI 0x9b, ...), DEL, Unicode line separators
+# and the bidirectional overrides that can make a terminal show text other than it is.
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f"  # C0, DEL, C1
+    "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidirectional marks and overrides
+    "\u2028\u2029]"  # line and paragraph separators
+)
+_AS_SPACE = frozenset("\t\n\r\x0b\x0c\u2028\u2029")
+
+
+def clean_text(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters removed, line breaks and
+    tabs turned into spaces (so a message stays on its line and cannot forge others)."""
+    return _CONTROLS.sub(lambda m: " " if m.group() in _AS_SPACE else "", text)
+
+
+def clean_event(value: Any) -> Any:
+    """A copy of an event with ``clean_text`` applied to every string in it."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_event(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clean_event(v) for k, v in value.items()}
+    return value
 
 
 def display_epoch(epoch: int) -> int:
@@ -30,6 +60,20 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _count(n: int) -> str:
+    """A filter count; negative means not counted (non-finite weights)."""
+    return "-" if n < 0 else str(n)
+
+
+def _terms(ev: dict[str, Any]) -> str:
+    """" (ce 0.412 kd 1.107)" when the loss has several parts (distillation, mutual)."""
+    terms = ev.get("train_terms")
+    if not isinstance(terms, dict) or not terms:
+        return ""
+    parts = [f"{k} {v:.3f}" for k, v in terms.items() if isinstance(v, int | float)]
+    return f" ({' '.join(parts)})" if parts else ""
+
+
 def _val(ev: dict[str, Any]) -> str:
     """"val 97.2% " when the epoch was evaluated on a validation split, else nothing."""
     acc = ev.get("val_acc")
@@ -43,8 +87,9 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
     ep_txt = f"{ep}/{epochs}" if epochs else str(ep)
     if kind == "epoch":
         return (
-            f"net {net} | epoch {ep_txt} | loss {ev['train_loss']:.3f} "
-            f"acc {ev['train_acc']:.1f}% | {_val(ev)}test {_num(ev['test_acc'], '.1f', '%')} | "
+            f"net {net} | epoch {ep_txt} | loss {_num(ev['train_loss'], '.3f')}{_terms(ev)} "
+            f"acc {_num(ev['train_acc'], '.1f', '%')} | {_val(ev)}"
+            f"test {_num(ev['test_acc'], '.1f', '%')} | "
             f"lr {ev['lr']:.4g} | {ev['epoch_s']:.1f} s | {ev['images_per_s']:.0f} img/s"
         )
     if kind == "graft":
@@ -65,11 +110,12 @@ def format_event(ev: dict[str, Any], epochs: int | None = None) -> str | None:
             f"{total:,} weights ({ev['compression']:.1f}x fewer){drop}"
         )
     if kind == "trim":
-        return (
-            f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
-            f"{ev['params']:,} params {ev['flops']:,} FLOPs | test {ev['test_acc']:.2f}% "
-            f"(-{ev['acc_drop']:.2f})"
-        )
+        head = (f"trim round {ev['round']} | {', '.join(ev['layers']) or '-'} | "
+                f"{ev['params']:,} params {ev['flops']:,} FLOPs")  # fmt: skip
+        if ev.get("val_acc") is None:  # written before the validation split
+            return f"{head} | test {ev['test_acc']:.2f}% (-{ev['acc_drop']:.2f})"
+        return (f"{head} | val {ev['val_acc']:.2f}% (-{ev['acc_drop']:.2f}) | "
+                f"test {ev['test_acc']:.2f}%")  # fmt: skip
     if kind in ("warning", "error"):
         return f"net {net} | {kind.upper()}: {ev['message']}"
     if kind == "start":
@@ -91,15 +137,31 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
         lines.append(
             f"{row['network']:>7}   {row['best_acc']:7.2f}%  {epoch_txt:>7}  "
             f"{_num(row.get('max_test_acc'), '7.2f', '%'):>8}  {row['final_acc']:8.2f}%  "
-            f"{row['invalid_01']:>11}  {row['invalid_001']:>12}"
+            f"{_count(row['invalid_01']):>11}  {_count(row['invalid_001']):>12}"
         )
     lines.append(f"ensemble acc: {_num(ev['ensemble_acc'], '.2f', '%')}")
+    lines += [line for row in sorted(ev["networks"], key=lambda r: r["network"])
+              if (line := _divergence_line(row))]  # fmt: skip
     for row in sorted(ev["networks"], key=lambda r: r["network"]):
         weights, nonzero = row.get("weights"), row.get("nonzero_weights")
         if weights and nonzero is not None and nonzero < weights:
             lines.append(f"network {row['network']}: {nonzero:,} of {weights:,} conv/linear "
                          f"weights nonzero ({weights / max(nonzero, 1):.1f}x fewer)")  # fmt: skip
     return lines
+
+
+def _divergence_line(row: dict[str, Any]) -> str | None:
+    """What became of a network that diverged (None for one that never did)."""
+    epoch = row.get("diverged_epoch")
+    if not isinstance(epoch, int):
+        return None
+    text = f"network {row['network']} diverged (non-finite) after epoch {display_epoch(epoch)}"
+    recovered = row.get("recovered_epoch")
+    if isinstance(recovered, int):
+        return f"{text}, recovered at the graft after epoch {display_epoch(recovered)}"
+    if row.get("stopped"):
+        return f"{text} and stopped training (no peer to recover from)"
+    return f"{text} and did not recover"
 
 
 def start_config(ev: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,6 +9,11 @@ disturb training. Messages go through the collector's own gate
 Given a run folder, the monitor reads the collector's endpoints from
 ``RUN_DIR/telemetry.json`` and first replays ``RUN_DIR/metrics.jsonl``, so the table
 starts filled instead of empty until the next epoch ends.
+
+What the monitor prints comes from other processes, so it is treated as untrusted text:
+only the networks the run's ``start`` event declares get rows, and every string has its
+control characters removed before it reaches the terminal (``format.clean_text``); the
+only escape sequences written are the monitor's own redraw codes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from distgraft.config import TelemetryConfig
 from distgraft.telemetry.collector import ENDPOINTS_FILE, read_endpoints
 from distgraft.telemetry.events import read_jsonl
 from distgraft.telemetry.format import (
+    clean_event,
+    clean_text,
     config_value,
     display_epoch,
     format_event,
@@ -35,7 +42,7 @@ from distgraft.telemetry.format import (
     start_config,
     summary_lines,
 )
-from distgraft.telemetry.wire import Rejected, decode_message, normalize_address
+from distgraft.telemetry.wire import Rejected, allow_ipv6, decode_message, normalize_address
 
 __all__ = ["register", "run", "Board", "resolve_target", "Target", "MonitorError"]
 
@@ -89,30 +96,47 @@ class Row:
 
 @dataclass
 class Board:
-    """The monitor's state, folded from events in arrival order (replay first)."""
+    """The monitor's state, folded from events in arrival order (replay first).
+
+    Once a ``start`` event has declared the run's networks, events of other networks are
+    counted as ``ignored`` and get no row. Before any start (a monitor attached by address
+    to a collector that has not seen one) every network's events are shown.
+    """
 
     rows: dict[int, Row] = field(default_factory=dict)
     epochs: int | None = None
+    networks: int | None = None
     events: int = 0
     changes: int = 0  # events other than progress: a plain log prints a block per change
     rejected: int = 0
+    ignored: int = 0
     skipped_lines: int = 0
     run_dir: str | None = None
     summary: dict[str, Any] | None = None
+    collector: dict[str, Any] | None = None
     last_kind: str | None = None
 
     def update(self, ev: dict[str, Any]) -> list[str]:
         """Fold in one validated event; returns lines worth keeping above the table."""
+        raw, ev = ev, clean_event(ev)  # the TOML of a start event needs its line breaks
         self.events += 1
         self.last_kind = kind = ev["event"]
-        self.changes += kind != "progress"
+        self.changes += kind not in ("progress", "collector")
         if kind == "start":
-            self.epochs = config_value(start_config(ev), "run.epochs", int) or self.epochs
+            self.epochs = config_value(start_config(raw), "run.epochs", int) or self.epochs
             self.run_dir = ev["run_dir"]
+            self.networks = ev["networks"]
+            self.rows = {k: r for k, r in self.rows.items() if self._declared(k)}
             self.summary = None  # a resumed run starts again after an old summary
         elif kind == "summary":
-            self.summary = ev
+            rows = [r for r in ev["networks"] if self._declared(r["network"])]
+            self.summary = {**ev, "networks": rows}
+        elif kind == "collector":
+            self.collector = ev
         if kind not in ("progress", "epoch", "graft", "warning", "error"):
+            return []
+        if not self._declared(ev["network"]):
+            self.ignored += 1
             return []
         row = self.rows.setdefault(ev["network"], Row())
         if kind == "progress":
@@ -153,10 +177,18 @@ class Board:
             )
         return lines
 
+    def _declared(self, network: int) -> bool:
+        return self.networks is None or 0 <= network < self.networks
+
     def footer(self, source: str, silent_s: float | None) -> str:
         parts = [f"events {self.events}"]
         if self.rejected:
             parts.append(f"rejected {self.rejected}")
+        if self.ignored:
+            parts.append(f"ignored {self.ignored} (undeclared networks)")
+        c = self.collector
+        if c is not None and (c["refused"] or c["rejected"]):
+            parts.append(f"collector refused {c['refused']} rejected {c['rejected']}")
         if self.skipped_lines:
             parts.append(f"skipped lines {self.skipped_lines}")
         parts.append(source)
@@ -192,11 +224,12 @@ class Screen:
     def log(self, line: str) -> None:
         """A line that stays (a warning): printed above the table."""
         self._erase()
-        self.stream.write(line + "\n")
+        self.stream.write("\n".join(clean_text(part) for part in line.split("\n")) + "\n")
         self.stream.flush()
 
     def draw(self, lines: list[str], version: int) -> None:
         """Redraw; in plain mode only when ``version`` moved (not for progress ticks)."""
+        lines = [clean_text(line) for line in lines]
         if self.plain:
             if version != self._last_version:
                 self.stream.write("\n".join(lines) + "\n\n")
@@ -226,6 +259,7 @@ def _open_sub(address: str, max_bytes: int) -> tuple[zmq.Context, zmq.Socket]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    allow_ipv6(sock, address)
     sock.connect(address)
     return ctx, sock
 
@@ -253,7 +287,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 return _finish(screen, board, "replayed")
         if sock_pair is None:
             print(
-                f"distgraft monitor: {target.run_dir}/{ENDPOINTS_FILE} not found and the run "
+                f"distgraft monitor: {clean_text(str(target.run_dir))}/{ENDPOINTS_FILE} not "
+                "found and the run "
                 "has no summary: start the run with telemetry.zmq = true, or pass the "
                 "collector's publish address",
                 file=sys.stderr,
@@ -313,7 +348,8 @@ def _finish(screen: Screen, board: Board, source: str) -> int:
     screen.draw(board.table() + [board.footer(source, None)], -1)
     screen.finish()
     assert board.summary is not None
-    screen.stream.write("\n".join(["", "final summary", *summary_lines(board.summary)]) + "\n")
+    lines = [clean_text(line) for line in summary_lines(board.summary)]
+    screen.stream.write("\n".join(["", "final summary", *lines]) + "\n")
     screen.stream.flush()
     return 0
 

@@ -16,9 +16,10 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 import zmq
 
+from distgraft.telemetry.auth import ClientKeys
 from distgraft.telemetry.events import make_event, to_plain
 from distgraft.telemetry.format import format_event
-from distgraft.telemetry.wire import normalize_address, pack_event
+from distgraft.telemetry.wire import allow_ipv6, normalize_address, pack_event
 
 __all__ = ["Sink", "ConsoleSink", "JsonlSink", "ZmqSink", "Telemetry", "forget_epochs"]
 
@@ -120,10 +121,17 @@ class ZmqSink:
     queue in ZeroMQ up to ``sndhwm`` (so a collector that starts late still gets the first
     events); beyond that, or when the collector is slow, ``zmq.Again`` drops the event and
     ``dropped`` counts it. ``linger_ms`` bounds how long ``close`` may wait for the queue.
-    Create it in the process that uses it (ZeroMQ sockets do not survive fork).
+    ``keys`` (the run's client keys) are needed by a collector that authenticates its
+    publishers. Create it in the process that uses it (ZeroMQ sockets do not survive fork).
     """
 
-    def __init__(self, address: str, sndhwm: int = 1000, linger_ms: int = 100) -> None:
+    def __init__(
+        self,
+        address: str,
+        sndhwm: int = 1000,
+        linger_ms: int = 100,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.address = normalize_address(address)
         self.sent = 0
         self.dropped = 0
@@ -132,6 +140,9 @@ class ZmqSink:
         self._sock: zmq.Socket | None = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, linger_ms)
+        if keys is not None:
+            keys.apply(self._sock)
+        allow_ipv6(self._sock, self.address)
         self._sock.connect(self.address)
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -173,6 +184,18 @@ class Telemetry:
             except Exception as e:
                 self._failed(sink, "emit", e)
         return ev
+
+    def forget_epochs(self, start_epoch: int) -> None:
+        """A resume trains the epochs from ``start_epoch`` again: sinks that keep their own
+        history (TensorBoard) hide what they hold of those epochs."""
+        for sink in self.sinks:
+            forget = getattr(sink, "forget_epochs", None)
+            if forget is None:
+                continue
+            try:
+                forget(start_epoch)
+            except Exception as e:
+                self._failed(sink, "forget_epochs", e)
 
     @property
     def dropped(self) -> int:

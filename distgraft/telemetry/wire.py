@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HOST",
     "normalize_address",
     "split_tcp",
+    "allow_ipv6",
 ]
 
 
@@ -131,3 +132,11 @@ def split_tcp(address: str) -> tuple[str, int] | None:
         return None
     host, _, port = address[len("tcp://") :].rpartition(":")
     return (host, int(port)) if port.isdigit() and host else None
+
+
+def allow_ipv6(sock: Any, address: str) -> None:
+    """ZeroMQ sockets speak IPv4 only unless told otherwise; ``tcp://[::1]:...`` needs it."""
+    if address.startswith("tcp://["):
+        import zmq
+
+        sock.setsockopt(zmq.IPV6, 1)

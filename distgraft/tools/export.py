@@ -523,14 +523,14 @@ def run_export(args: argparse.Namespace) -> int:
     check_opset(args.opset)
     opened = open_model(args.checkpoint)
     out = prepare_output(args.onnx, args.checkpoint)
-    from distgraft.files import save_bytes_atomic
+    from distgraft.files import write_atomic
 
     say = _Printer(args.json)
     row = {**_describe(opened, say), "onnx": str(out)}
     exported = _export(opened, args.opset, say, row)
     with _torch_threads(args.threads) as threads:
         sess = _checked_session(opened, exported, threads, args, say, row)
-        save_bytes_atomic(exported.data, out)
+        write_atomic(out, lambda f: f.write(exported.data))
         say(f"wrote {out}")
         row["latency"] = _timed(opened, sess, threads, args, say) if args.latency else None
     if args.json:

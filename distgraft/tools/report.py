@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,8 @@ def _plot_accuracy(ax: Any, data: RunData) -> None:
     for net in sorted(data.epochs):
         evs = [data.epochs[net][e] for e in sorted(data.epochs[net])]
         x = [display_epoch(ev["epoch"]) for ev in evs]
-        ax.plot(x, [ev["train_acc"] for ev in evs], "--", color=_color(net), alpha=0.6, lw=1)
+        train = [math.nan if ev["train_acc"] is None else ev["train_acc"] for ev in evs]
+        ax.plot(x, train, "--", color=_color(net), alpha=0.6, lw=1)  # nan: a paused epoch
         tested = [ev for ev in evs if ev["test_acc"] is not None]
         ax.plot(
             [display_epoch(ev["epoch"]) for ev in tested],
@@ -249,8 +252,9 @@ def report(run_dir: str | Path, out: str | Path | None = None, data: RunData | N
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ReportError("plots need matplotlib: pip install distgraft[plot]") from e
-    data = data if data is not None else load_run(run_dir)
     out_path = Path(out) if out is not None else Path(run_dir) / "report.png"
+    check_out(out_path, "--out" if out is not None else "the report file")
+    data = data if data is not None else load_run(run_dir)
     grafted = bool(data.grafts)
     heat_rows = math.ceil(len(data.grafts) / MAX_PANELS_PER_ROW) if grafted else 0
     heights = [3.2] + ([2.4 * heat_rows, 3.0] if grafted else [])
@@ -267,13 +271,52 @@ def report(run_dir: str | Path, out: str | Path | None = None, data: RunData | N
     if not grafted:
         title += ", no graft events (baseline)"
     fig.suptitle(title)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100, format="png")
+    _save_atomic(fig, out_path)
     return out_path
+
+
+def check_out(path: Path, name: str) -> None:
+    """ReportError naming ``name`` unless a PNG can be written at ``path`` (nothing is made).
+
+    Checked before the plot is drawn, so a bad --out costs nothing and writes nothing.
+    """
+    if path.is_dir():
+        example = path / "report.png"
+        raise ReportError(f"{name} {path} is a folder: give a file name, e.g. {example}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders that do not exist yet will be made there
+    if not folder.is_dir():
+        raise ReportError(f"{name} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ReportError(f"{name} {path}: cannot write in {folder} (read-only or not yours)")
+
+
+def _save_atomic(fig: Any, path: Path) -> None:
+    """Write the PNG to a temp file beside ``path``, then rename it over ``path``.
+
+    An existing report is replaced only by a complete new one, never by half of one.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ReportError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a report is meant to be read
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ReportError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.out is not None:  # before reading the metrics: a bad --out costs nothing
+            check_out(Path(args.out), "--out")
         data = load_run(args.run_dir)
         if data.skipped:
             n = data.skipped

@@ -7,12 +7,16 @@ size, missing datasets) is checked before any process group starts and exits wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distgraft.config import (
     SECTIONS,
     Config,
     ConfigError,
+    agreement_view,
+    check_run_dir,
+    describe_disagreement,
     field_docs,
     load_config,
     to_toml,
@@ -79,45 +83,115 @@ def _overrides(extra: list[str]) -> list[str]:
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config, or ConfigError/DataError/LayoutError (exit code 2)."""
     from distgraft.comm.dist import env_ranks
+    from distgraft.telemetry.preflight import check_telemetry
     from distgraft.train.data import check_available
     from distgraft.train.sparsity import check_layers
     from distgraft.train.warmstart import check_init
 
     cfg = load_config(args.config, _overrides(args.extra))
-    _, world, _, _ = env_ranks()
+    rank, world, _, _ = env_ranks()
     validate(cfg, world_size=world)
+    networks = cfg.graft.networks or world
     check_available(cfg.data)
-    check_init(cfg, cfg.graft.networks or world)
+    check_init(cfg, networks)
     check_layers(cfg)
+    check_distill(cfg, networks)
+    if rank == 0:  # where the collector will listen
+        check_telemetry(cfg.telemetry)
     return cfg
 
 
+def check_distill(cfg: Config, networks: int) -> None:
+    """Pre-flight of [distill]: teachers fit the data, mutual learning has peers."""
+    from distgraft.train.data import data_shape
+    from distgraft.train.distill import check_teachers
+
+    if cfg.distill.mutual and networks < 2:
+        raise ConfigError(
+            f"distill.mutual = true needs at least 2 networks to learn from each other; this "
+            f"run has {networks} (start more processes, or set graft.networks)"
+        )
+    if cfg.distill.teachers:
+        check_teachers(cfg, networks, *data_shape(cfg.data))
+
+
 def run(args: argparse.Namespace) -> int:
-    from distgraft.comm.dist import LayoutError, distributed
+    """Exit code 2 for bad input (config, data, layout, settings that differ between ranks,
+    checkpoints that cannot be resumed), printed once as one line; 1 when every network
+    diverged; 0 otherwise."""
+    from distgraft.comm.dist import Disagreement, LayoutError, distributed
     from distgraft.train.data import DataError
 
     try:
         cfg = resolve(args)
+        if args.print_config:
+            print(to_toml(cfg))
+            return 0
+        check_run_dir(cfg)
     except (ConfigError, DataError, LayoutError) as e:
-        print(f"distgraft train: error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_toml(cfg))
-        return 0
-    from distgraft.train.run import open_telemetry, start, train
+        return _fail(e, _local_rank() == 0, 2)
+    try:
+        with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s,
+                         agree=agreement_view(cfg),
+                         replica_groups=cfg.distill.mutual) as info:  # fmt: skip
+            return _train(cfg, info)
+    except Disagreement as e:
+        return _fail(describe_disagreement(e.views), _rank() == 0, 2)
 
-    with distributed(cfg.graft.networks, cfg.dist.backend, cfg.dist.timeout_s) as info:
-        telemetry, collector = open_telemetry(cfg, info)
-        trainer = None
-        try:
-            trainer = start(cfg, info, telemetry)
-            train(cfg, info, telemetry, trainer)
-        except BaseException as e:
-            epoch = trainer.epoch if trainer is not None else 0
-            telemetry.emit("error", info.network, epoch, message=f"rank {info.rank}: {e}")
-            raise
-        finally:
-            telemetry.close()
-            if collector is not None:
-                collector.stop()
-    return 0
+
+def _train(cfg: Config, info) -> int:
+    from distgraft.train.checkpoint import ResumeError
+    from distgraft.train.run import open_telemetry, start, train
+    from distgraft.train.trainer import DivergedError
+
+    telemetry, collector = open_telemetry(cfg, info)
+    trainer = None
+    try:
+        trainer = start(cfg, info, telemetry)
+        train(cfg, info, telemetry, trainer)
+        return 0
+    except BaseException as e:
+        epoch = _epoch_at(cfg, info.network, trainer)
+        telemetry.emit("error", info.network, epoch, message=_message(e, info.rank))
+        if isinstance(e, ResumeError | DivergedError):
+            return _fail(e, info.is_main, 2 if isinstance(e, ResumeError) else 1)
+        raise
+    finally:
+        telemetry.close()
+        if collector is not None:
+            collector.stop()
+            if (note := collector.stats_line()) is not None:
+                print(f"distgraft train: {note}", file=sys.stderr, flush=True)
+
+
+def _fail(error: BaseException | str, speak: bool, code: int) -> int:
+    """Print the error as one line from one process only (every rank knows it), return code."""
+    if speak:
+        print(f"distgraft train: error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def _epoch_at(cfg: Config, network: int, trainer) -> int:
+    """The epoch an error came in: the trainer's, or before the trainer is ready (while it
+    resumes) the epoch the run continues from: after this network's latest checkpoint."""
+    if trainer is not None:
+        return trainer.epoch
+    if not cfg.run.resume:
+        return 0
+    from distgraft.train.checkpoint import newest_epoch
+
+    return newest_epoch(cfg.run_dir / f"net{network}") + 1
+
+
+def _message(e: BaseException, rank: int) -> str:
+    """The error's text with "rank N:" once (distgraft's own errors already begin so)."""
+    text = str(e) or type(e).__name__
+    return text if text.startswith(f"rank {rank}:") else f"rank {rank}: {text}"

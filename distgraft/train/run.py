@@ -32,6 +32,7 @@ def start(cfg: Config, info: DistInfo, telemetry: Telemetry) -> Trainer:
     trainer.resume()
     if cfg.run.resume:
         _forget_retrained_epochs(cfg, info, trainer.start_epoch)
+        telemetry.forget_epochs(trainer.start_epoch)  # TensorBoard drops the same points
     if info.is_main:
         telemetry.emit(
             "start",
@@ -57,7 +58,7 @@ def _forget_retrained_epochs(cfg: Config, info: DistInfo, start_epoch: int) -> N
         if dropped:
             print(f"distgraft train: resuming at epoch {start_epoch}: dropped {dropped} "
                   f"metrics.jsonl lines of epochs trained again", flush=True)  # fmt: skip
-    barrier(info, cfg.dist.timeout_s, "metrics.jsonl before the resume")
+    barrier(info, cfg.dist.timeout_s, "metrics.jsonl before the resume", start_epoch)
 
 
 def train(
@@ -95,10 +96,15 @@ def _gather(summary: Summary, info: DistInfo, timeout_s: float) -> list[Summary]
 
 
 def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | None]:
-    """Sinks for this rank: console and JSONL on network leads, zmq to rank 0's collector.
+    """Sinks for this rank: console, JSONL and TensorBoard on network leads, zmq to rank
+    0's collector.
 
     Every network lead appends its own lines to metrics.jsonl (one write per line, so
-    lines never interleave); zmq is the live view and may drop, the file never does.
+    lines never interleave) and writes its TensorBoard files from the same events; zmq is
+    the live view and may drop, the file never does.
+    With ``telemetry.auth = "curve"`` rank 0 makes the run's keys, keeps them in
+    RUN_DIR/telemetry.key (mode 0600) and hands the client keys to the network leads
+    through the process group, since nodes may not share the run folder.
     """
     from distgraft.telemetry import (
         Collector,
@@ -106,26 +112,38 @@ def open_telemetry(cfg: Config, info: DistInfo) -> tuple[Telemetry, Collector | 
         JsonlSink,
         Telemetry,
         ZmqSink,
+        new_keys,
         write_endpoints,
+        write_keys,
     )
+    from distgraft.telemetry.tensorboard import TensorBoardSink, tensorboard_wanted
 
     sinks: list = []
     collector = None
     t = cfg.telemetry
+    tensorboard, warning = tensorboard_wanted(t.tensorboard)
+    if warning and info.is_main:
+        print(f"distgraft train: warning: {warning}", file=sys.stderr, flush=True)
     if info.is_network_lead:
         if t.console:
             sinks.append(ConsoleSink(sys.stdout, epochs=cfg.run.epochs))
         sinks.append(JsonlSink(cfg.run_dir / "metrics.jsonl"))
+        if tensorboard:
+            tb_dir = cfg.run_dir / "tb" / f"net{info.network}"
+            sinks.append(TensorBoardSink(tb_dir, config=to_toml(cfg)))
     if t.zmq:
-        address = None
+        shared = None
         if info.is_main:
             _warn_if_unreachable(t.address)
-            collector = Collector(t.address, t.publish, t.max_message_bytes).start()
-            address = collector.address
+            keys = new_keys() if t.auth == "curve" else None
+            collector = Collector(t.address, t.publish, t.max_message_bytes, keys=keys).start()
+            if keys is not None:
+                write_keys(cfg.run_dir, keys)
             write_endpoints(cfg.run_dir, collector.address, collector.publish_address)
-        address = _share(address, info)
+            shared = (collector.address, keys.client() if keys is not None else None)
+        address, client_keys = _share(shared, info)
         if info.is_network_lead:
-            sinks.append(ZmqSink(address))
+            sinks.append(ZmqSink(address, keys=client_keys))
     return Telemetry(sinks), collector
 
 
@@ -148,12 +166,14 @@ def _warn_if_unreachable(address: str) -> None:
         )
 
 
-def _share(address: str | None, info: DistInfo) -> str:
-    """Rank 0's collector address for everyone; a wildcard host becomes rank 0's name."""
+def _share(shared: tuple | None, info: DistInfo) -> tuple:
+    """Rank 0's collector address and client keys for everyone; a wildcard host becomes
+    rank 0's name."""
     from distgraft.comm.dist import broadcast_object
 
-    addr = str(broadcast_object(address, info))
+    address, keys = broadcast_object(shared, info)
+    addr = str(address)
     for wildcard in ("0.0.0.0", "*"):
         if f"//{wildcard}:" in addr:
             addr = addr.replace(wildcard, os.environ.get("MASTER_ADDR", "127.0.0.1"), 1)
-    return addr
+    return addr, keys

@@ -1,5 +1,6 @@
-"""Magnitude pruning while training (Han et al. 2015): rounds at epoch boundaries, masks
-held through every optimizer step, every graft and every restart.
+"""Compression while training: Han et al.'s magnitude pruning (rounds at epoch boundaries,
+masks held through every optimizer step, every graft and every restart), the dropout
+rescaling it implies, and the ``arch`` record that rebuilds the network from its checkpoint.
 
 ``compress.schedule`` (or ``compress.quality``) lists one target per round; round r prunes
 at the start of epoch ``start_epoch + r * round_epochs`` and the epochs until the next round
@@ -12,11 +13,18 @@ checkpoint (``model.init``) keeps that checkpoint's zeros as its mask.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
+from distgraft.compress.archive import save_compressed
+from distgraft.compress.counting import WEIGHTED
 from distgraft.compress.magnitude import (
     Masks,
+    apply_dropout_edit,
+    encode_sparse,
     original_dropout,
     prunable_weights,
     prune_masks,
@@ -25,7 +33,14 @@ from distgraft.compress.magnitude import (
 from distgraft.config import CompressConfig, Config, ConfigError, layer_sparsity
 from distgraft.models import build_model
 
-__all__ = ["SparseTraining", "check_layers", "round_epochs", "round_sparsity"]
+__all__ = [
+    "SparseTraining",
+    "TrainingCompression",
+    "check_layers",
+    "round_epochs",
+    "round_sparsity",
+    "weight_counts",
+]
 
 
 def round_epochs(cfg: CompressConfig) -> list[int]:
@@ -120,3 +135,73 @@ class SparseTraining:
     def load_state_dict(self, state: dict | None, model: nn.Module) -> None:
         self.masks = None if state is None else Masks(state)
         self.after_update(model)
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(conv and linear weights, those of them nonzero): the connections Han et al. count."""
+    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
+    total = sum(w.numel() for w in weights)
+    return total, int(sum(int(w.count_nonzero()) for w in weights))
+
+
+class TrainingCompression:
+    """What compression does to one network while it trains, and how to rebuild it.
+
+    Holds the ``arch`` record (the base model and every edit: pruned channels, decomposed
+    layers, rescaled dropouts) that the checkpoints carry, and the magnitude-pruning masks
+    with their schedule. The trainer calls ``prune`` at the start of an epoch,
+    ``after_backward`` and ``after_update`` around each optimizer step (and after a graft),
+    and ``save_sparse`` at the end.
+    """
+
+    def __init__(self, cfg: CompressConfig, model: nn.Module, arch: dict[str, Any],
+                 masks: Masks | None = None) -> None:  # fmt: skip
+        self.arch = arch
+        self.sparse = SparseTraining(cfg, model, masks)
+
+    @property
+    def active(self) -> bool:
+        return self.sparse.active
+
+    def prune(self, epoch: int, model: nn.Module, optimizer) -> dict | None:
+        """A magnitude-pruning round when one starts at ``epoch``: the event's fields."""
+        fields = self.sparse.prune(epoch, model, optimizer)
+        if fields is not None:
+            self._set_dropout_edits(self.sparse.dropout_edits)
+        return fields
+
+    def _set_dropout_edits(self, edits: list[dict]) -> None:
+        """Record rescaled dropout rates in the arch (the latest per module)."""
+        changed = {e["module"] for e in edits}
+        kept = [e for e in self.arch["edits"]
+                if not (e["op"] == "dropout" and e["module"] in changed)]  # fmt: skip
+        self.arch = {**self.arch, "edits": kept + edits}
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.sparse.after_backward(model)
+
+    def after_update(self, model: nn.Module) -> None:
+        self.sparse.after_update(model)
+
+    def state_dict(self) -> dict:
+        return {"arch": self.arch, "masks": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """From a training checkpoint: arch (dropout rates re-applied) and masks."""
+        self.arch = state.get("arch", self.arch)
+        for edit in self.arch["edits"]:
+            if edit["op"] == "dropout":
+                apply_dropout_edit(model, edit)
+        self.sparse.load_state_dict(state.get("masks"), model)
+
+    def save_sparse(self, path: Path, model: nn.Module, config: str, final_acc: float) -> None:
+        """With masks: the network as a sparse checkpoint (bitmask + values)."""
+        if not self.active:
+            return
+        masks = self.sparse.masks
+        assert masks is not None
+        report = {"compression": masks.compression(), "final_acc": final_acc,
+                  "layers": {c.name: [c.kept, c.total] for c in masks.counts()}}  # fmt: skip
+        encoded = encode_sparse(model.state_dict(), masks)
+        save_compressed(path, None, self.arch, kind="sparse", config=config, report=report,
+                        source=str(path.parent), sparse=encoded)  # fmt: skip

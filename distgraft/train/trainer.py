@@ -1,10 +1,21 @@
 """Trainer: one network (or one replica of it) per process; grafts at epoch boundaries.
 
-fit() = resume, then per epoch: train_epoch -> graft -> evaluate -> checkpoint -> barrier.
-The barrier keeps networks within one epoch of each other, which is what lets a restart
-agree on a common epoch (see ``checkpoint``). Loss and accuracy are accumulated on the
-device and read once per epoch (and at most once a second for progress), so the GPU is
-never stalled by a per-step host sync.
+fit() = resume, then per epoch: prune -> train_epoch -> health check -> graft -> evaluate
+-> checkpoint -> end of epoch (every network's health gathered: also the barrier that keeps
+networks within one epoch of each other, which is what lets a restart agree on a common
+epoch, see ``checkpoint``) -> best.pt. Loss and accuracy are accumulated on the device and
+read once per epoch (and at most once a second for progress), so the GPU is never stalled
+by a per-step host sync.
+
+The methods a run composes are parts with a fixed, short list of plain calls: the loss
+(``objective``: cross-entropy and what joins it), the gradient edits (``force``: Force
+Regularization), training-time compression (``compression``: masks, dropout rescaling,
+the arch record) and the health check (``health``). The trainer knows no method's details.
+
+A network whose state turns non-finite pauses (its lr schedule advances) and warns every
+epoch; at its next external graft it takes its peer's finite layers with their optimizer
+state reset. Without a peer (graft.source none, noise, internal) it stops training while
+the others go on. Its non-finite checkpoints never rotate the last finite one away.
 """
 
 from __future__ import annotations
@@ -19,26 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distgraft.comm.dist import DistInfo, all_reduce_, barrier
-from distgraft.compress.archive import base_arch, save_compressed
-from distgraft.compress.counting import WEIGHTED
-from distgraft.compress.force import add_force_to_grads_, force_layers
-from distgraft.compress.magnitude import apply_dropout_edit, encode_sparse
+from distgraft.comm.dist import DistInfo, all_reduce_, gather_ints, replica_guard
 from distgraft.config import Config, to_toml
-from distgraft.graft.entropy import invalid_filters
-from distgraft.graft.math import graft_plan
+from distgraft.graft.entropy import filter_tail, invalid_filters
 from distgraft.graft.step import Grafter, GraftRecord
-from distgraft.models import build_model
 from distgraft.train import checkpoint
 from distgraft.train.data import build_data
+from distgraft.train.distill import Peers, Teachers
 from distgraft.train.evaluate import evaluate
-from distgraft.train.sparsity import SparseTraining
-from distgraft.train.warmstart import load_init
+from distgraft.train.health import Health
+from distgraft.train.objective import Objective
+from distgraft.train.regularize import ForceRegularization
+from distgraft.train.sparsity import TrainingCompression, weight_counts
+from distgraft.train.warmstart import build_network
 
-__all__ = ["Trainer", "Summary", "Record", "network_lr", "lr_factor", "evaluate"]
+__all__ = ["Trainer", "Summary", "Record", "DivergedError", "network_lr", "lr_factor", "evaluate"]
 
 PROGRESS_EVERY_S = 1.0
 
@@ -86,6 +94,16 @@ class Summary:
     """The highest test accuracy of any epoch (the grafting paper's convention: optimistic)."""
     best_epoch: int = -1
     best_val_acc: float | None = None
+    diverged_epoch: int | None = None
+    """The epoch at whose end the network's state was last found non-finite (None: never)."""
+    recovered_epoch: int | None = None
+    """The epoch whose graft gave it finite weights again (None: not recovered)."""
+    stopped: bool = False
+    """Diverged with no peer to recover from: it stopped training."""
+
+
+class DivergedError(RuntimeError):
+    """Every network's state is non-finite: nothing is left to recover from."""
 
 
 @dataclass
@@ -101,6 +119,9 @@ class Record:
     best_val_acc: float | None = None
     max_test_acc: float = 0.0
     final_acc: float = 0.0
+    diverged_epoch: int | None = None
+    recovered_epoch: int | None = None
+    stopped: bool = False
 
     def update(self, epoch: int, val_acc: float | None, test_acc: float) -> bool:
         """Take an evaluated epoch into account; True when it is the new best."""
@@ -120,7 +141,8 @@ class Record:
     def from_state(cls, state: dict) -> Record:
         """From a checkpoint; those of earlier versions kept only best_acc and last_acc."""
         if "record" in state:
-            return cls(**state["record"])
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in state["record"].items() if k in known})
         acc = float(state.get("best_acc", 0.0))
         return cls(best_acc=acc, max_test_acc=acc, final_acc=float(state.get("last_acc", 0.0)))
 
@@ -134,39 +156,38 @@ class Trainer:
         self.seed = cfg.run.seed + 1000 * info.network
         self.net_dir = cfg.run_dir / f"net{info.network}"
         _seed_everything(self.seed)
-        data = build_data(cfg.data, self.device, self.seed, info.replica, info.replicas,
+        # Mutual learning compares the networks' outputs on the same images: one data order.
+        data_seed = cfg.run.seed if cfg.distill.mutual else self.seed
+        data = build_data(cfg.data, self.device, data_seed, info.replica, info.replicas,
                           cfg.model.channels_last, split_seed=cfg.run.seed)  # fmt: skip
         self.train_loader, self.val_loader, self.test_loader = data.train, data.val, data.test
-        self.data_info = data.info
-        self.model = self._build_model()
+        self.data_info = d = data.info
+        model, arch, masks = build_network(cfg, info.network, d.num_classes, d.in_channels,
+                                           d.input_shape)  # fmt: skip
+        self.model = self._place(model)
         self.grafter = self._make_grafter()
         self.net = self._wrap(self.model)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
-        self.sparse = SparseTraining(cfg.compress, self.model, self._init_masks)
-        self.force_weights = self._force_weights()
+        self.teachers = self._make_teachers()
+        self.objective = Objective(cfg.distill, self.teachers, self._make_peers())
+        self.force = ForceRegularization(cfg.regularize, self.model)
+        self.compression = TrainingCompression(cfg.compress, self.model, arch, masks)
+        self.health = Health(self.model, self.optimizer)
+        self.bad = [False] * len(self.health.names)  # non-finite layers, as last checked
         # Progress, saved in checkpoints and restored by resume().
         self.start_epoch = 0
         self.epoch = 0  # the epoch in progress: what an error event reports
         self.record = Record()
+        self._rotate = False  # may the next save move last.pt to prev.pt (finite, ours)?
         self._resumed = False
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     # -- construction -------------------------------------------------------------------
-    def _build_model(self) -> nn.Module:
-        """The network, from model.init when given; ``self.arch`` records how to rebuild it."""
-        cfg, d = self.cfg, self.data_info
-        self._init_masks = None
-        if cfg.model.init:
-            model, self.arch, self._init_masks = load_init(
-                cfg, self.info.network, d.num_classes, d.in_channels
-            )
-        else:
-            model = build_model(cfg.model.name, d.num_classes, d.in_channels)
-            self.arch = base_arch(cfg.model.name, d.num_classes, d.in_channels, d.input_shape)
+    def _place(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        if cfg.model.channels_last:
+        if self.cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -183,6 +204,17 @@ class Trainer:
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         cfg, steps = self.cfg, len(self.train_loader)
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps))
+
+    def _make_teachers(self) -> Teachers | None:
+        if not self.cfg.distill.teachers:
+            return None
+        return Teachers(self.cfg.distill, self.info.network, self.device,
+                        self.cfg.model.channels_last)  # fmt: skip
+
+    def _make_peers(self) -> Peers | None:
+        if not self.cfg.distill.mutual or self.info.networks == 1:
+            return None
+        return Peers(self.info, self.cfg.dist.timeout_s)
 
     def _make_grafter(self) -> Grafter | None:
         g = self.cfg.graft
@@ -206,6 +238,20 @@ class Trainer:
     def lead(self) -> bool:
         return self.info.is_network_lead
 
+    @property
+    def arch(self) -> dict:
+        """How to rebuild this network (base model and edits): what checkpoints record."""
+        return self.compression.arch
+
+    @property
+    def can_recover(self) -> bool:
+        """Only an external graft brings finite weights from a peer."""
+        return self.grafter is not None and self.cfg.graft.source == "external"
+
+    @property
+    def diverged(self) -> bool:
+        return any(self.bad)
+
     def _emit(self, event: str, epoch: int, **fields) -> None:
         if self.lead:
             self.telemetry.emit(event, self.info.network, epoch, **fields)
@@ -214,21 +260,24 @@ class Trainer:
     def fit(self) -> Summary:
         if not self._resumed:
             self.resume()
+        self.bad = self.health.bad_layers()  # a resumed state may be non-finite already
         for epoch in range(self.start_epoch, self.cfg.run.epochs):
             self.epoch = epoch
             self.prune(epoch)
-            stats = self.train_epoch(epoch)
+            paused = self.diverged or self.record.stopped
+            stats = self.pause_epoch(epoch) if paused else self.train_epoch(epoch)
+            self.check_health(epoch)
             record = self.graft(epoch)
             if record is not None:
                 self._emit("graft", epoch, **record.event_fields())
             best = False
-            if self._evaluate_now(epoch):
-                stats.update(self.evaluate_splits())
+            if self._evaluate_now(epoch) and not self.diverged:
+                stats.update(self.evaluate_splits(), filters=self.filter_tail())
                 best = self.record.update(epoch, stats["val_acc"], stats["test_acc"])
             self._emit("epoch", epoch, **stats)
             self.save(epoch)
-            barrier(self.info, self.cfg.dist.timeout_s, f"the end of epoch {epoch}")
-            if best:  # after the barrier: best.pt only ever holds an epoch every network saved
+            self.end_epoch(epoch)
+            if best:  # after every network saved the epoch: best.pt never holds a lost one
                 self.save_best()
         self.save_sparse()
         return self.summary()
@@ -243,28 +292,54 @@ class Trainer:
         """
         self.net.train()
         self.train_loader.set_epoch(epoch)
+        self.objective.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         start = last_report = time.perf_counter()
+        terms: dict[str, Tensor] = {}
         for step, (x, y) in enumerate(itertools.islice(self.train_loader, max_steps)):
-            loss, logits = self._train_step(x, y)
+            with replica_guard(self.info, epoch):  # a lost DDP replica: PeerError naming it
+                loss, logits = self._train_step(x, y)
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
+            for name, value in self.objective.terms.items():
+                terms[name] = terms.get(name, 0.0) + value * y.shape[0]
             seen += y.shape[0]
             if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
                 last_report = self._progress(epoch, step + 1, float(loss_sum) / seen, seen, start)
         elapsed = time.perf_counter() - start
+        stats = self._stats(float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1),
+                            elapsed, seen * self.info.replicas / elapsed)  # fmt: skip
+        if len(terms) > 1:  # the loss has several parts: say what each contributed
+            stats["train_terms"] = {k: float(v) / max(seen, 1) for k, v in terms.items()}
+        return stats
+
+    def pause_epoch(self, epoch: int) -> dict:
+        """A diverged network does not train; its lr schedule moves on with the others', and
+        with mutual learning it still answers every step's exchange (with NaN: ignored)."""
+        if self.objective.peers is None:
+            for _ in range(len(self.train_loader)):
+                self.scheduler.step()
+            return self._stats(None, None, 0.0, 0.0)
+        self.train_loader.set_epoch(epoch)
+        self.objective.set_epoch(epoch)
+        for _, y in self.train_loader:
+            self.objective.skip(y.shape[0], self.data_info.num_classes, self.device)
+            self.scheduler.step()
+        return self._stats(None, None, 0.0, 0.0)
+
+    def _stats(self, loss: float | None, acc: float | None, seconds: float, speed: float) -> dict:
         return {
-            "train_loss": float(loss_sum) / max(seen, 1),
-            "train_acc": 100.0 * float(correct) / max(seen, 1),
+            "train_loss": loss,
+            "train_acc": acc,
             "val_loss": None,
             "val_acc": None,
             "test_loss": None,
             "test_acc": None,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_s": elapsed,
-            "images_per_s": seen * self.info.replicas / elapsed,
+            "epoch_s": seconds,
+            "images_per_s": speed,
         }
 
     def _progress(self, epoch: int, step: int, loss: float, seen: int, start: float) -> float:
@@ -276,15 +351,16 @@ class Trainer:
         return now
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step: the objective's loss, the gradient edits, the masks."""
         with self._autocast():
             logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = self.objective(x, y, logits)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._force()
-        self.sparse.after_backward(self.model)
+        self.force.after_backward()
+        self.compression.after_backward(self.model)
         self.optimizer.step()
-        self.sparse.after_update(self.model)
+        self.compression.after_update(self.model)
         self.scheduler.step()
         return loss, logits
 
@@ -305,40 +381,82 @@ class Trainer:
         test_loss, test_acc, _ = self.evaluate()
         return {**out, "test_loss": test_loss, "test_acc": test_acc}
 
-    def _force_weights(self) -> list[nn.Parameter]:
-        r = self.cfg.regularize
-        if r.force == "none":
-            return []
-        return [p for _, p in force_layers(self.model, r.force_layers)]
+    def _conv_weights(self) -> list[Tensor]:
+        state = self.model.state_dict()
+        return [state[layer.weight] for layer in self.health.plan.layers if layer.conv]
 
-    def _force(self) -> None:
-        """Force Regularization (Wen et al. 2017): the filters of each layer attract each
-        other. Added after DDP averaged the gradients: every replica adds the same force."""
-        if self.force_weights:
-            r = self.cfg.regularize
-            add_force_to_grads_(self.force_weights, r.force_decay, r.force)
+    def filter_tail(self) -> dict:
+        """The low end of the conv filters' L1 norms (the paper's invalid filters and below)."""
+        return filter_tail(self._conv_weights())
+
+    # -- divergence ---------------------------------------------------------------------
+    def check_health(self, epoch: int) -> None:
+        """Find non-finite layers after the epoch's training; warn while there are any."""
+        self.bad = self.health.bad_layers()
+        if not self.diverged:
+            return
+        r = self.record
+        if r.diverged_epoch is None or r.recovered_epoch is not None:
+            r.diverged_epoch, r.recovered_epoch = epoch, None
+        if not self.can_recover:
+            r.stopped = True
+        self._emit("warning", epoch, message=self._divergence_message(epoch))
+
+    def _divergence_message(self, epoch: int) -> str:
+        names = self.health.layer_names(self.bad)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        where = f"{len(names)} layer(s): {', '.join(names[:5])}{more}"
+        head = f"network {self.info.network} is non-finite after epoch {epoch + 1} in {where}"
+        if not self.can_recover:
+            return (f"{head}; without a peer to recover from (graft.source = "
+                    f"{self.cfg.graft.source!r}) it stops training, the others go on")  # fmt: skip
+        every = self.cfg.graft.every
+        graft_epoch = epoch + (-(epoch + 1)) % every  # the next epoch whose end grafts
+        return (f"{head}; it pauses until the graft after epoch {graft_epoch + 1} takes "
+                f"network {self.info.predecessor}'s finite layers")  # fmt: skip
 
     def graft(self, epoch: int) -> GraftRecord | None:
-        """Graft after this epoch's training when the schedule says so."""
-        if self.grafter is None or (epoch + 1) % self.cfg.graft.every:
+        """Graft after this epoch's training when the schedule says so; a diverged network
+        takes its peer's finite layers, with their optimizer state reset."""
+        if self.grafter is None or self.record.stopped or (epoch + 1) % self.cfg.graft.every:
             return None
-        record = self.grafter.step(epoch)
-        self.sparse.after_update(self.model)  # each network keeps its own mask
+        record = self.grafter.step(epoch, own_bad=self.bad if self.diverged else None)
+        if record.taken:
+            taken = set(record.taken)
+            self.health.reset_optimizer([i in taken for i in range(len(self.bad))])
+        self.compression.after_update(self.model)  # each network keeps its own mask
+        if self.diverged:
+            self.bad = self.health.bad_layers()
+            if not self.diverged:
+                self.record.recovered_epoch = epoch
+                self._emit("warning", epoch, message=(
+                    f"network {self.info.network} recovered at the graft after epoch "
+                    f"{epoch + 1}: took network {self.info.predecessor}'s weights in "
+                    f"{len(taken)} layer(s), their momentum reset"))  # fmt: skip
         return record
+
+    def end_epoch(self, epoch: int) -> None:
+        """Every network's health, gathered: also the barrier that ends the epoch."""
+        if self.teachers is not None:
+            self.teachers.verify()
+        flags = gather_ints([int(self.diverged)], self.info, self.cfg.dist.timeout_s,
+                            "the end-of-epoch barrier", epoch)  # fmt: skip
+        self.diverged_networks = sorted({r // self.info.replicas for r, (f,) in enumerate(flags)
+                                         if f})  # fmt: skip
+        if len(self.diverged_networks) == self.info.networks:
+            raise DivergedError(
+                f"every network is non-finite after epoch {epoch + 1}: nothing is left to "
+                "recover from. No finite checkpoint was overwritten (prev.pt keeps the last "
+                "one), and the same command resumes from the newest epoch at which some "
+                "network is finite: add a lower --optim.lr, or start afresh with "
+                "--run.resume=false"
+            )
 
     def prune(self, epoch: int) -> None:
         """A magnitude pruning round, when one starts at this epoch."""
-        fields = self.sparse.prune(epoch, self.model, self.optimizer)
+        fields = self.compression.prune(epoch, self.model, self.optimizer)
         if fields is not None:
-            self._set_dropout_edits(self.sparse.dropout_edits)
             self._emit("prune", epoch, **fields)
-
-    def _set_dropout_edits(self, edits: list[dict]) -> None:
-        """Record rescaled dropout rates in the arch (the latest per module)."""
-        changed = {e["module"] for e in edits}
-        kept = [e for e in self.arch["edits"]
-                if not (e["op"] == "dropout" and e["module"] in changed)]  # fmt: skip
-        self.arch = {**self.arch, "edits": kept + edits}
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict:
@@ -352,26 +470,36 @@ class Trainer:
             "record": self.record.state_dict(),
             "rng": checkpoint.rng_state(),
             "config": to_toml(self.cfg),
-            "arch": self.arch,
-            "masks": self.sparse.state_dict(),
+            "teachers": self.teachers.record() if self.teachers is not None else [],
+            **self.compression.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])  # in place: the graft views survive
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._optim_from_config()
         self.record = Record.from_state(state)
         checkpoint.set_rng_state(state["rng"])
         self.start_epoch = self.epoch = state["epoch"] + 1
-        self.arch = state.get("arch", self.arch)
-        for edit in self.arch["edits"]:
-            if edit["op"] == "dropout":
-                apply_dropout_edit(self.model, edit)
-        self.sparse.load_state_dict(state.get("masks"), self.model)
+        self.compression.load_state_dict(state, self.model)
+
+    def _optim_from_config(self) -> None:
+        """The config's optimizer settings win over the checkpoint's (the same unless the
+        user changed them on resume, e.g. a lower optim.lr after the networks diverged)."""
+        o = self.cfg.optim
+        lr = network_lr(self.cfg, self.info.network, self.info.networks)
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        factor = lr_factor(self.cfg, self.scheduler.last_epoch, len(self.train_loader))
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=lr, lr=lr * factor, momentum=o.momentum,
+                         weight_decay=o.weight_decay, nesterov=o.nesterov)  # fmt: skip
 
     def save(self, epoch: int) -> None:
+        """last.pt; the previous last.pt becomes prev.pt only if it was finite."""
         if self.lead:
-            checkpoint.save_epoch(self.state_dict(epoch), self.net_dir)
+            checkpoint.save_epoch(self.state_dict(epoch), self.net_dir, rotate=self._rotate)
+        self._rotate = not self.diverged
 
     def save_best(self) -> None:
         """best.pt becomes a copy of last.pt (the epoch of best validation accuracy)."""
@@ -380,46 +508,68 @@ class Trainer:
 
     def save_sparse(self) -> None:
         """With masks: the final network as a sparse checkpoint (net{k}/sparse.pt)."""
-        if not self.lead or not self.sparse.active:
-            return
-        masks = self.sparse.masks
-        report = {"compression": masks.compression(), "final_acc": self.record.final_acc,
-                  "layers": {c.name: [c.kept, c.total] for c in masks.counts()}}  # fmt: skip
-        save_compressed(self.net_dir / "sparse.pt", None, self.arch, kind="sparse",
-                        config=to_toml(self.cfg), report=report, source=str(self.net_dir),
-                        sparse=encode_sparse(self.model.state_dict(), masks))  # fmt: skip
+        if self.lead:
+            self.compression.save_sparse(self.net_dir / "sparse.pt", self.model,
+                                         to_toml(self.cfg), self.record.final_acc)  # fmt: skip
 
     def resume(self) -> None:
-        """Continue from the latest epoch that every network completed, if any."""
+        """Continue from the newest epoch every network can load, if any (see checkpoint)."""
         self._resumed = True
+        if self.lead:
+            checkpoint.remove_stale(self.net_dir)
         if not self.cfg.run.resume:
             return
-        epochs = checkpoint.available_epochs(self.net_dir)
-        local = max(epochs) if epochs else -1
-        common = checkpoint.agree_epoch(local, self.device, self.cfg.dist.timeout_s)
+        teachers = self.teachers.changed if self.teachers is not None else _no_teachers
+        found = checkpoint.inspect(self.net_dir, self.model.state_dict(), self.arch["model"],
+                                   teachers=teachers)  # fmt: skip
+        every = checkpoint.gather_found(found, self.info, self.cfg.dist.timeout_s)
+        common = checkpoint.choose_epoch(every)
         if common < 0:
             return
-        self.load_state_dict(checkpoint.load_epoch(self.net_dir, common, self.device))
+        path = found.epochs[common].path
+        self.load_state_dict(checkpoint.load(path, self.device))
+        self._rotate = path.name == "last.pt" and not any(self.health.bad_layers())
+        if self.lead:
+            checkpoint.reconcile_best(self.net_dir, path, common, self.record.best_epoch)
 
     # -- the end ------------------------------------------------------------------------
     def summary(self) -> Summary:
-        plan = graft_plan(self.model)
-        state = self.model.state_dict()
-        convs = [state[layer.weight] for layer in plan.layers if layer.conv]
-        inv01, inv001 = invalid_filters(convs, (0.1, 0.01))
-        weights = [m.weight for m in self.model.modules() if isinstance(m, WEIGHTED)]
-        total = sum(w.numel() for w in weights)
-        nonzero = int(sum(int(w.count_nonzero()) for w in weights))
+        try:
+            inv01, inv001 = invalid_filters(self._conv_weights(), (0.1, 0.01))
+        except ValueError:  # non-finite filters: not counted
+            inv01 = inv001 = -1
+        total, nonzero = weight_counts(self.model)
         r = self.record
         return Summary(self.info.network, r.best_acc, r.final_acc, inv01, inv001, total,
-                       nonzero, r.max_test_acc, r.best_epoch, r.best_val_acc)  # fmt: skip
+                       nonzero, r.max_test_acc, r.best_epoch, r.best_val_acc,
+                       r.diverged_epoch, r.recovered_epoch, r.stopped)  # fmt: skip
 
     def ensemble_accuracy(self) -> float | None:
-        """Accuracy of the mean of all networks' test logits (every rank must call this)."""
+        """Accuracy of the mean of the finite networks' test logits (every rank calls this).
+
+        A diverged network's logits are left out (they would poison the mean); None when
+        no network is finite.
+        """
         _, _, logits = self.evaluate()
-        total = all_reduce_(logits.clone(), self.cfg.dist.timeout_s, "the ensemble evaluation")
+        healthy = not self.diverged
+        logits = torch.nan_to_num(logits) * float(healthy)
+        count = torch.tensor([float(healthy)], device=logits.device)
+        both = torch.cat([logits.flatten(), count])
+        total = all_reduce_(both, self.cfg.dist.timeout_s, "the ensemble evaluation",
+                            epoch=self.epoch)  # fmt: skip
+        if float(total[-1]) == 0:
+            return None
         y = torch.cat([y for _, y in self.test_loader])
-        return float((total.argmax(1) == y).float().mean() * 100)
+        mean = total[:-1].view_as(logits)
+        return float((mean.argmax(1) == y).float().mean() * 100)
+
+
+def _no_teachers(recorded: object) -> list[str]:
+    """Why a checkpoint's teachers differ from none (a run resumed without its teachers)."""
+    if not recorded:
+        return []
+    paths = ", ".join(str(r.get("path")) for r in recorded if isinstance(r, dict))
+    return [f"distill.teachers were {paths}, now none"]
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,10 +1,13 @@
 """Datasets and loaders: small datasets live on the device, ImageNet streams from disk.
 
-One module per dataset (``digits``, ``cifar``, ``synthetic``, ``imagenet``) and the
-loaders they feed (``loaders``); ``build_data`` picks one from the ``[data]`` config.
+One module per dataset (``digits``, ``cifar``, ``fashion``, ``synthetic``, ``imagenet``),
+the loaders they feed (``loaders``) and where their files live on this machine
+(``storage``: ``data.root`` defaults per dataset, the ``data.cache`` folder, a lock);
+``build_data`` picks one from the ``[data]`` config.
 
-Digits, CIFAR-10/100 and the synthetic dataset are small enough to keep on the accelerator
-as uint8 (CIFAR-10 is 150 MB), so they are moved there once and every epoch is built with
+Digits, CIFAR-10/100, Fashion-MNIST and the synthetic dataset are small enough to keep on
+the accelerator as uint8 (CIFAR-10 is 150 MB, Fashion-MNIST 55 MB), so they are moved there
+once and every epoch is built with
 batched tensor ops (the airbench idea): one ``randperm`` for the order, per-sample crop
 offsets and flip bits drawn up front, and per batch one gather for the crop + flip and one
 fused normalisation. There is no host synchronisation per step and no worker process, which
@@ -28,9 +31,17 @@ only, not on R. The test loader is sequential, unaugmented and holds the full te
 every replica.
 
 Inputs are ``(uint8 / 255 - mean) / std`` per channel: the reference code's values for
-CIFAR-10, the usual training-set statistics for CIFAR-100 and ImageNet, and for digits and
-the synthetic set the mean and population std of their own training split (computed once
-at load; digits is mostly background, so 0.5/0.5 would leave its inputs far from zero mean).
+CIFAR-10, the usual training-set statistics for CIFAR-100 and ImageNet, and for digits,
+Fashion-MNIST and the synthetic set the mean and population std of the images trained on
+(the training split less the validation images, computed once at load; digits and
+Fashion-MNIST are mostly black background, so 0.5/0.5 would leave their inputs far from
+zero mean).
+
+Augmentation: random crop with zero padding 4 and horizontal flip for CIFAR, padding 2 and
+flip for Fashion-MNIST (its garments fill the 28x28 frame, the longest side scaled to 28
+pixels, so a 4-pixel shift, a seventh of the image, would cut into the object; left- and
+right-facing shoes are the same class, so flipping is safe), padding 1 without flip for
+digits (a mirrored digit is another symbol or none).
 
 ImageNet uses ``torchvision.datasets.ImageFolder`` with a ``DistributedSampler`` (order is a
 pure function of ``(seed, epoch)`` too); its random crops come from the DataLoader workers'
@@ -64,6 +75,7 @@ from distgraft.train.data.cifar import (
     load_cifar,
 )
 from distgraft.train.data.digits import load_digits
+from distgraft.train.data.fashion import check_fashion, load_fashion
 from distgraft.train.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -82,6 +94,7 @@ from distgraft.train.data.loaders import (
     split_indices,
     val_count,
 )
+from distgraft.train.data.storage import root_of
 from distgraft.train.data.synthetic import load_synthetic
 
 __all__ = [
@@ -93,6 +106,7 @@ __all__ = [
     "TorchLoader",
     "check_available",
     "build_data",
+    "data_shape",
     "val_count",
     "split_indices",
     "epoch_seed",
@@ -109,11 +123,14 @@ def check_available(cfg: DataConfig) -> None:
     """Cheap pre-flight check, run before any process group starts.
 
     Raises :class:`DataError` when the CIFAR batches are missing and ``data.download`` is
-    false, when ImageNet's train/ or val/ folder is missing, or when scikit-learn is
-    missing for digits. Reads no data.
+    false, when a Fashion-MNIST file is missing or its cache folder is not writable, when
+    ImageNet's train/ or val/ folder is missing, or when scikit-learn is missing for
+    digits. Reads no data.
     """
     if cfg.name in CIFAR_SPECS:
         check_cifar(CIFAR_SPECS[cfg.name], cfg)
+    elif cfg.name == "fashion-mnist":
+        check_fashion(cfg)
     elif cfg.name == "imagenet":
         check_imagenet(cfg)
     elif cfg.name == "digits":
@@ -124,8 +141,25 @@ def check_available(cfg: DataConfig) -> None:
     elif cfg.name != "synthetic":
         raise ConfigError(
             f"data.name = {cfg.name!r} is invalid: allowed values are digits, cifar10, "
-            "cifar100, imagenet, synthetic"
+            "cifar100, fashion-mnist, imagenet, synthetic"
         )
+
+
+def data_shape(cfg: DataConfig) -> tuple[int, tuple[int, ...]]:
+    """(number of classes, input shape C x H x W) of the model inputs, without loading data.
+
+    What a checkpoint made for this data records (teachers, model.init are checked on it).
+    """
+    if cfg.name == "digits":
+        return 10, (1, 8, 8)
+    if cfg.name in CIFAR_SPECS:
+        return CIFAR_SPECS[cfg.name].num_classes, (3, 32, 32)
+    if cfg.name == "fashion-mnist":
+        return 10, (1, 28, 28)
+    if cfg.name == "imagenet":
+        classes = [d for d in (root_of(cfg) / "train").iterdir() if d.is_dir()]
+        return len(classes), (3, cfg.image_size, cfg.image_size)
+    return cfg.synthetic_classes, tuple(cfg.synthetic_shape)
 
 
 def build_data(
@@ -157,6 +191,9 @@ def build_data(
         spec = CIFAR_SPECS[cfg.name]
         xtr, ytr, xte, yte = load_cifar(spec, cfg)
         num_classes, pad, flip = spec.num_classes, 4, True
+    elif cfg.name == "fashion-mnist":
+        xtr, ytr, xte, yte = load_fashion(cfg)
+        num_classes, pad, flip = 10, 2, True
     else:  # synthetic (check_available rejected anything else)
         xtr, ytr, xte, yte = load_synthetic(cfg)
         big = min(xtr.shape[2:]) >= 16

@@ -6,9 +6,7 @@ CIFAR files are pickles, read with ``pickle.load`` exactly as torchvision does: 
 
 from __future__ import annotations
 
-import contextlib
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from distgraft.config import DataConfig
 from distgraft.train.data.loaders import DataError
+from distgraft.train.data.storage import exclusive_lock, root_of, root_setting
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -82,37 +81,21 @@ def _cifar_missing(spec: CifarSpec, root: Path) -> list[str]:
 
 
 def _cifar_missing_message(spec: CifarSpec, cfg: DataConfig, missing: list[str]) -> str:
-    folder = Path(cfg.root) / spec.folder
+    folder = root_of(cfg) / spec.folder
     return (
-        f"{spec.title} not found under {str(folder)!r} (data.root = {cfg.root!r}); put the "
+        f"{spec.title} not found under {str(folder)!r} ({root_setting(cfg)}); put the "
         f"torchvision python-format batches there or set data.download = true "
         f"(missing: {', '.join(missing)})"
     )
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise downloads between the processes of one machine (no-op without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _download_cifar(spec: CifarSpec, cfg: DataConfig) -> None:
     """Fetch the archive with torchvision, once per machine even if every rank asks."""
     import torchvision
 
-    root = Path(cfg.root)
+    root = root_of(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f".{spec.folder}.download.lock"):
+    with exclusive_lock(root / f".{spec.folder}.download.lock"):
         if _cifar_missing(spec, root):
             cls = getattr(torchvision.datasets, spec.torchvision_class)
             try:
@@ -120,7 +103,7 @@ def _download_cifar(spec: CifarSpec, cfg: DataConfig) -> None:
             except (OSError, RuntimeError) as e:
                 raise DataError(
                     f"downloading {spec.title} into {str(root)!r} failed: {e}; download it "
-                    f"by hand into {str(root / spec.folder)!r} (data.root = {cfg.root!r}) "
+                    f"by hand into {str(root / spec.folder)!r} ({root_setting(cfg)}) "
                     "or check the network (data.download = true)"
                 ) from e
     missing = _cifar_missing(spec, root)
@@ -131,9 +114,9 @@ def _download_cifar(spec: CifarSpec, cfg: DataConfig) -> None:
         )
 
 
-def _read_cifar_file(spec: CifarSpec, path: Path, root: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_file(spec: CifarSpec, path: Path, setting: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> (uint8 [N, 3, 32, 32], int64 [N]); planes R, G, B, row-major."""
-    hint = f"(data.root = {root!r}); replace it with the torchvision python-format file"
+    hint = f"({setting}); replace it with the torchvision python-format file"
     try:
         with path.open("rb") as f:
             d = pickle.load(f, encoding="bytes")
@@ -159,15 +142,15 @@ def _read_cifar_file(spec: CifarSpec, path: Path, root: str) -> tuple[np.ndarray
 
 
 def load_cifar(spec: CifarSpec, cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    missing = _cifar_missing(spec, Path(cfg.root))
+    missing = _cifar_missing(spec, root_of(cfg))
     if missing:
         if not cfg.download:
             raise DataError(_cifar_missing_message(spec, cfg, missing))
         _download_cifar(spec, cfg)
-    folder = Path(cfg.root) / spec.folder
+    folder = root_of(cfg) / spec.folder
 
     def read(files: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-        parts = [_read_cifar_file(spec, folder / f, cfg.root) for f in files]
+        parts = [_read_cifar_file(spec, folder / f, root_setting(cfg)) for f in files]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -177,6 +160,6 @@ def load_cifar(spec: CifarSpec, cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor
 
 def check_cifar(spec: CifarSpec, cfg: DataConfig) -> None:
     """Raise DataError when the batches are missing and ``data.download`` is off."""
-    missing = _cifar_missing(spec, Path(cfg.root))
+    missing = _cifar_missing(spec, root_of(cfg))
     if missing and not cfg.download:
         raise DataError(_cifar_missing_message(spec, cfg, missing))

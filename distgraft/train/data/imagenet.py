@@ -7,7 +7,6 @@ are not bit-identical across a resume; the order (DistributedSampler) is.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,7 @@ from distgraft.train.data.loaders import (
     split_indices,
     val_count,
 )
+from distgraft.train.data.storage import root_of, root_setting
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "check_imagenet", "build_imagenet"]
 
@@ -28,12 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def check_imagenet(cfg: DataConfig) -> None:
-    root = Path(cfg.root)
+    root = root_of(cfg)
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
             raise DataError(
-                f"ImageNet folder {str(folder)!r} not found (data.root = {cfg.root!r}); put "
+                f"ImageNet folder {str(folder)!r} not found ({root_setting(cfg)}); put "
                 "the class folders of the training images under root/train and of the "
                 "validation images under root/val (data.download is not supported for "
                 "imagenet)"
@@ -78,19 +78,19 @@ def build_imagenet(
     )
     sets = {}
     for split, tf in (("train", train_tf), ("val", evaluate)):
-        folder = Path(cfg.root) / split
+        folder = root_of(cfg) / split
         try:
             sets[split] = datasets.ImageFolder(str(folder), transform=tf)
         except (FileNotFoundError, OSError) as e:
             raise DataError(
-                f"cannot read ImageNet folder {str(folder)!r} (data.root = {cfg.root!r}): {e}"
+                f"cannot read ImageNet folder {str(folder)!r} ({root_setting(cfg)}): {e}"
             ) from e
     train_set, val_set = sets["train"], sets["val"]
     if train_set.classes != val_set.classes:
         raise DataError(
-            f"ImageNet class folders differ between {str(Path(cfg.root) / 'train')!r} "
-            f"({len(train_set.classes)}) and {str(Path(cfg.root) / 'val')!r} "
-            f"({len(val_set.classes)}); labels would not match (data.root = {cfg.root!r})"
+            f"ImageNet class folders differ between {str(root_of(cfg) / 'train')!r} "
+            f"({len(train_set.classes)}) and {str(root_of(cfg) / 'val')!r} "
+            f"({len(val_set.classes)}); labels would not match ({root_setting(cfg)})"
         )
     common = {
         "num_workers": cfg.workers,

@@ -1,16 +1,19 @@
 """``distgraft compress trim``: network trimming (Hu et al. 2016), prune -> retrain -> repeat.
 
 Each round measures APoZ (the share of zeros of each channel's activation after the ReLU
-that really follows its conv and BatchNorm) on the held-out split, takes the
+that really follows its conv and BatchNorm) on the validation split of the checkpoint's
+run (the held-out training images it never trained on, rebuilt from its config), takes the
 ``--layers-per-round`` layers with the highest mean APoZ, removes every channel of them
 whose APoZ lies above the layer's mean + 1 std, and retrains the smaller network *from its
 surviving weights* (Hu et al.: retraining from scratch gives worse networks with more
 zeros) with ``distgraft train`` for ``--epochs`` epochs at a constant lr. It stops after
-``--rounds`` rounds, or when test accuracy has fallen more than ``--max-drop`` points below
-the starting network's; the last round within the margin is the result.
+``--rounds`` rounds, or when validation accuracy has fallen more than ``--max-drop`` points
+below the starting network's; the last round within the margin is the result. Test
+accuracy is reported beside it and decides nothing.
 
 OUT/round{r}/ holds each round's pruned start (pruned.pt) and training run (net0/...);
-OUT/metrics.jsonl one ``trim`` event per round (params, FLOPs, accuracy); OUT/trimmed.pt the
+OUT/metrics.jsonl one ``trim`` event per round (params, FLOPs, validation accuracy and its
+drop, test accuracy); OUT/trimmed.pt the
 result. Under torchrun the retraining uses every process as a DDP replica of the one
 network, and rank 0's pruning choice is broadcast so every replica prunes alike.
 """
@@ -18,12 +21,20 @@ network, and rank 0's pruning choice is broadcast so every replica prunes alike.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import CompressError, guarded, open_checkpoint, test_loader
+from distgraft.tools.compress.common import (
+    CompressError,
+    accuracy,
+    guarded,
+    open_checkpoint,
+    save_step,
+    validation_and_test,
+    writable_folder,
+)
 
 __all__ = ["register", "trim_layers"]
 
@@ -80,41 +91,70 @@ def _round_config(cfg: Any, args: argparse.Namespace, start: Path, rnd: int) -> 
     )  # fmt: skip
 
 
-def _event(out: Path, rnd: int, layers: list[str], counts: Any, acc: float, drop: float) -> None:
+@dataclass(frozen=True)
+class Round:
+    """One row of the table and one ``trim`` event."""
+
+    round: int
+    layers: list[str]
+    counts: Any
+    val_acc: float
+    """Accuracy on the validation split: what the --max-drop check compares."""
+    test_acc: float
+    """Accuracy on the test split: reported, decides nothing."""
+
+
+def _event(out: Path, r: Round, drop: float) -> None:
     from distgraft.telemetry.sinks import JsonlSink, Telemetry
+    from distgraft.telemetry.tensorboard import TensorBoardSink, tensorboard_available
 
-    with Telemetry([JsonlSink(out / "metrics.jsonl")]) as t:
-        t.emit("trim", 0, rnd, round=rnd, layers=layers, params=counts.params,
-               flops=counts.flops, test_acc=acc, acc_drop=drop)  # fmt: skip
+    sinks: list = [JsonlSink(out / "metrics.jsonl")]
+    if tensorboard_available():  # the rounds as TensorBoard curves, step = round
+        sinks.append(TensorBoardSink(out / "tb" / "trim"))
+    with Telemetry(sinks) as t:
+        t.emit("trim", 0, r.round, round=r.round, layers=r.layers, params=r.counts.params,
+               flops=r.counts.flops, val_acc=r.val_acc, acc_drop=drop,
+               test_acc=r.test_acc)  # fmt: skip
 
 
-def _table(rows: list[tuple]) -> str:
-    lines = [f"{'round':>5}  {'params':>11}  {'FLOPs':>13}  {'test acc':>8}  trimmed layers"]
-    for rnd, layers, c, acc in rows:
-        lines.append(f"{rnd:>5}  {c.params:>11,}  {c.flops:>13,}  {acc:>7.2f}%  "
-                     f"{', '.join(layers) or '-'}")  # fmt: skip
+def _table(rows: list[Round]) -> str:
+    lines = [f"{'round':>5}  {'params':>11}  {'FLOPs':>13}  {'val acc':>8}  {'test acc':>8}  "
+             "trimmed layers"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r.round:>5}  {r.counts.params:>11,}  {r.counts.flops:>13,}  "
+                     f"{r.val_acc:>7.2f}%  {r.test_acc:>7.2f}%  "
+                     f"{', '.join(r.layers) or '-'}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _measure(current: Any, rnd: int, layers: list[str], val: Any, test: Any, device) -> Round:
+    from distgraft.compress.counting import count
+
+    model = current.model.to(device)
+    row = Round(rnd, layers, count(current.model, current.input_shape), accuracy(model, val),
+                accuracy(model, test))  # fmt: skip
+    current.model.cpu()
+    return row
 
 
 def run_trim(args: argparse.Namespace) -> int:
     from distgraft.comm.dist import broadcast_object, distributed
-    from distgraft.compress.counting import count
     from distgraft.compress.prune import apply_pruning, prune_edits
     from distgraft.compress.structure import groups_of
-    from distgraft.tools.compress_cli import accuracy, save_step
+    from distgraft.files import copy_atomic
 
     if args.rounds < 1 or args.epochs < 1 or args.layers_per_round < 1:
         raise CompressError("--rounds, --epochs and --layers-per-round must be >= 1")
-    out = Path(args.out)
+    out = writable_folder(Path(args.out))
     current = open_checkpoint(args.checkpoint)
     with distributed(1, "auto", 600.0) as info:
-        loader = test_loader(current, info.device, args.data_root)
-        acc0 = accuracy(current.model.to(info.device), loader)
-        current.model.cpu()
-        rows = [(0, [], count(current.model, current.input_shape), acc0)]
+        val, test = validation_and_test(current, info.device, args.data_root,
+                                        "APoZ and the accuracy check",
+                                        quiet=not info.is_main)  # fmt: skip
+        rows = [_measure(current, 0, [], val, test, info.device)]
         result = Path(args.checkpoint)
         for rnd in range(1, args.rounds + 1):
-            keep, layers, _ = trim_layers(current, loader, args.layers_per_round)
+            keep, layers, _ = trim_layers(current, val, args.layers_per_round)
             keep, layers = broadcast_object((keep, layers), info)
             if not layers:
                 print(f"round {rnd}: no channel above mean + std APoZ; stopping", flush=True)
@@ -127,19 +167,18 @@ def run_trim(args: argparse.Namespace) -> int:
             _sync(info)
             trained = _retrain(args, current, start, rnd, info)
             current = open_checkpoint(str(trained))
-            acc = accuracy(current.model.to(info.device), loader)
-            current.model.cpu()
-            counts = count(current.model, current.input_shape)
-            rows.append((rnd, layers, counts, acc))
+            rows.append(_measure(current, rnd, layers, val, test, info.device))
+            drop = rows[0].val_acc - rows[-1].val_acc
             if info.is_main:
-                _event(out, rnd, layers, counts, acc, acc0 - acc)
-            if acc0 - acc > args.max_drop:
-                print(f"round {rnd}: accuracy {acc:.2f}% is more than {args.max_drop} points "
-                      f"below the start ({acc0:.2f}%); keeping round {rnd - 1}", flush=True)
+                _event(out, rows[-1], drop)
+            if drop > args.max_drop:
+                print(f"round {rnd}: validation accuracy {rows[-1].val_acc:.2f}% is more than "
+                      f"{args.max_drop} points below the start ({rows[0].val_acc:.2f}%); "
+                      f"keeping round {rnd - 1}", flush=True)  # fmt: skip
                 break
             result = trained
         if info.is_main:
-            shutil.copyfile(result, out / "trimmed.pt")
+            copy_atomic(result, out / "trimmed.pt")
             print(_table(rows))
             print(f"result: {out / 'trimmed.pt'} (from {result})", file=sys.stdout)
     return 0
@@ -166,7 +205,8 @@ def register(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=5, help="retraining epochs per round (5)")
     p.add_argument("--lr", type=float, default=0.001, help="constant retraining lr (0.001)")
     p.add_argument("--max-drop", type=float, default=1.0,
-                   help="stop when test accuracy falls more than this many points (1.0)")
+                   help="stop when validation accuracy falls more than this many points "
+                        "(1.0)")
     p.add_argument("--layers-per-round", type=int, default=1,
                    help="trim the N layers with the highest mean APoZ per round (1)")
     p.add_argument("--data-root", help="override the checkpoint's data.root")

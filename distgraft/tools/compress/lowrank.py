@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
-    _common,
+    add_common_options,
     before_after,
     device_of,
     guarded,
@@ -27,6 +28,7 @@ from distgraft.tools.compress_cli import (
     open_checkpoint,
     save_step,
     test_loader,
+    writable_file,
 )
 
 __all__ = ["register", "run_lowrank"]
@@ -53,7 +55,9 @@ def _plans(args: argparse.Namespace, model: Any) -> list:
 
 
 def _layer_rows(plans: list) -> list[dict[str, Any]]:
-    return [{"layer": p.name, "filters": p.n, "rank": p.rank if p.decomposed else p.n,
+    """Per conv: K, the rank the energy (or ratio) asked for, also of a conv kept whole;
+    None for a grouped conv, which is never decomposed."""
+    return [{"layer": p.name, "filters": p.n, "rank": None if p.reason == "grouped" else p.rank,
              "full_rank": p.full_rank, "decomposed": p.decomposed, "reason": p.reason}
             for p in plans]  # fmt: skip
 
@@ -61,16 +65,17 @@ def _layer_rows(plans: list) -> list[dict[str, Any]]:
 def run_lowrank(args: argparse.Namespace) -> int:
     from distgraft.compress.lowrank import apply_lowrank, rank_ratio
 
+    out = writable_file(Path(args.out))
     x = open_checkpoint(args.checkpoint)
     loader = test_loader(x, device_of(args.device), args.data_root) if args.eval else None
     plans = _plans(args, x.model)
     before = measure(x, x.model, args, loader)
     edits = apply_lowrank(x.model, plans)
     after = measure(x, x.model, args, loader)
-    row = {"checkpoint": x.path, "out": args.out, "energy": args.energy,
+    row = {"checkpoint": x.path, "out": str(out), "energy": args.energy,
            "rank_ratio": round(rank_ratio(plans), 4), **before_after(before, after),
-           "layers": _layer_rows(plans)}  # fmt: skip
-    save_step(x, args.out, "lowrank", edits, row)
+           "acc_split": "test" if loader else None, "layers": _layer_rows(plans)}  # fmt: skip
+    save_step(x, out, "lowrank", edits, row)
     _print(row, args.json)
     return 0
 
@@ -81,15 +86,20 @@ def _print(row: dict[str, Any], as_json: bool) -> None:
         return
     print(f"{'layer':<28} {'N':>5} {'K':>5} {'K/N':>6}  note")
     for r in row["layers"]:
-        note = "" if r["decomposed"] else f"kept ({r['reason']})"
+        if r["rank"] is None:
+            print(f"{r['layer']:<28} {r['filters']:>5} {'-':>5} {'-':>6}  kept (grouped conv)")
+            continue
+        note = "" if r["decomposed"] else f"kept whole ({r['reason']})"
         print(f"{r['layer']:<28} {r['filters']:>5} {r['rank']:>5} "
               f"{r['rank'] / r['filters']:>6.2f}  {note}")  # fmt: skip
-    print(f"rank ratio {row['rank_ratio']:.3f} (sum K / sum N over the convs)")
+    print(f"rank ratio {row['rank_ratio']:.3f} (sum over the convs of K, or N where kept "
+          "whole, / sum N)")  # fmt: skip
     for key in ("params", "flops", "latency_ms", "acc"):
         b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
+        label = f"acc ({row['acc_split']})" if key == "acc" else key
         if b is not None:
-            print(f"{key:<11} {b:>14,.2f} -> {a:>14,.2f}" if isinstance(b, float)
-                  else f"{key:<11} {b:>14,} -> {a:>14,}")  # fmt: skip
+            print(f"{label:<11} {b:>14,.2f} -> {a:>14,.2f}" if isinstance(b, float)
+                  else f"{label:<11} {b:>14,} -> {a:>14,}")  # fmt: skip
     print(f"wrote {row['out']}")
 
 
@@ -107,7 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the singular values holding this fraction of the energy, (0, 1]")
     p.add_argument("--rank-ratio", type=float, help="keep this fraction of each full rank")
     p.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
-                   help="decompose only these convs (default: every conv)")
+                   help="decompose only these convs (default: every conv whose decomposition "
+                        "is smaller; grouped convs never)")
     p.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="convs left alone")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=guarded(run_lowrank), needs_out=True)

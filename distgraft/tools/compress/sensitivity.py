@@ -1,11 +1,13 @@
 """``distgraft compress sensitivity``: Li et al.'s Figure 2 for one or several networks.
 
 Every prunable layer is pruned alone at ratios 10%..90% and the network evaluated without
-retraining. Under torchrun the (checkpoint, layer) pairs are dealt round-robin to the ranks
-and the results gathered on rank 0, so 8 GPUs finish 8x sooner; the result does not depend
-on the number of ranks. Several checkpoints (say a grafted and a baseline network of the
-same run) are analysed in one go and drawn side by side: does grafting make a network more
-or less prunable?
+retraining, on the validation split of the checkpoint's run (rebuilt from its config: the
+held-out training images it never trained on; a run without one is evaluated on the
+default number of its training images, and says so). Under torchrun the (checkpoint,
+layer) pairs are dealt round-robin to the ranks and the results gathered on rank 0, so 8
+GPUs finish 8x sooner; the result does not depend on the number of ranks. Several
+checkpoints (say a grafted and a baseline network of the same run) are analysed in one go
+and drawn side by side: does grafting make a network more or less prunable?
 
 Writes OUT/sensitivity.csv (one row per checkpoint, layer and ratio), OUT/sensitivity.json
 and OUT/sensitivity.png (one panel per stage and checkpoint, one curve per layer).
@@ -21,13 +23,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
     Loaded,
     accuracy,
+    decided_on,
+    floats,
     guarded,
+    has_validation_split,
     open_checkpoint,
-    test_loader,
+    validation_loader,
+    writable_folder,
 )
 
 __all__ = ["register", "Row", "analyse", "write_csv", "plot"]
@@ -51,8 +57,12 @@ class Row:
     ratio: float
     kept: int
     accuracy: float
+    """Accuracy (%) on ``split`` with the layer pruned."""
     baseline: float
     """Accuracy of the unpruned network."""
+    split: str = "val"
+    """val: the run's held-out images; train: training images standing in for them (the
+    run had no validation split)."""
 
 
 def _structure(x: Loaded, layers: list[str]) -> tuple[list, dict[str, int]]:
@@ -95,13 +105,14 @@ def analyse(
     for c, i, g in tasks[rank::world]:
         x = loaded[c]
         if c not in loaders:
-            loaders[c] = test_loader(x, device, data_root)
+            loaders[c] = validation_loader(x, device, data_root, "sensitivity", quiet=True)
             x.model.to(device)
         base = accuracy(x.model, loaders[c])
         curve = layer_curve(x.model, g, ratios, lambda m, c=c: accuracy(m, loaders[c]), criterion)
         number = structures[c][1].get(g.name)
+        split = "val" if has_validation_split(x) else "train"
         rows += [Row(labels[c], g.name, i, number, g.stage, g.channels, p.ratio, p.kept,
-                     p.accuracy, base) for p in curve]  # fmt: skip
+                     p.accuracy, base, split) for p in curve]  # fmt: skip
     return rows
 
 
@@ -144,7 +155,7 @@ def plot(rows: list[Row], path: Path) -> None:
             if i == len(stages) - 1:
                 ax.set_xlabel("filters pruned away (%)")
             if j == 0:
-                ax.set_ylabel("test accuracy (%)")
+                ax.set_ylabel("validation accuracy (%)")
     fig.suptitle("Sensitivity to pruning each layer alone (no retraining)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -155,7 +166,10 @@ def summary(rows: list[Row]) -> list[str]:
     """Mean accuracy over layers at each ratio, one column per checkpoint."""
     ckpts = list(dict.fromkeys(r.checkpoint for r in rows))
     ratios = sorted({r.ratio for r in rows})
-    lines = ["ratio  " + "  ".join(f"{c[-24:]:>24}" for c in ckpts)]
+    splits = {"val": "validation split", "train": "training images"}
+    used = ", ".join(splits[s] for s in dict.fromkeys(r.split for r in rows))
+    lines = [f"mean accuracy (%) over the layers, on the {used}",
+             "ratio  " + "  ".join(f"{c[-24:]:>24}" for c in ckpts)]  # fmt: skip
     for p in ratios:
         cells = []
         for c in ckpts:
@@ -172,6 +186,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         raise CompressError(f"{len(args.labels)} labels for {len(args.checkpoints)} checkpoints")
     if any(not (0 < r < 1) for r in args.ratios):
         raise CompressError(f"ratios must lie in (0, 1), got {args.ratios}")
+    out = writable_folder(Path(args.out))
     loaded = [open_checkpoint(p) for p in args.checkpoints]
     labels = args.labels or args.checkpoints
     with distributed(0, "auto", args.timeout) as info:
@@ -181,8 +196,9 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         every = gather_objects(mine, info, args.timeout, "the sensitivity results")
         if info.rank != 0:
             return 0
+    for x in loaded:  # rank 0 may not have evaluated every checkpoint itself
+        print(decided_on(x, "sensitivity"), file=sys.stderr, flush=True)
     rows = _in_order([r for part in every for r in part], labels)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sensitivity.csv")
     (out / "sensitivity.json").write_text(json.dumps([asdict(r) for r in rows]) + "\n")
@@ -201,13 +217,6 @@ def _in_order(rows: list[Row], labels: list[str]) -> list[Row]:
     return sorted(rows, key=lambda r: (labels.index(r.checkpoint), r.position, r.ratio))
 
 
-def _ratios(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from e
-
-
 def register(cmds: argparse._SubParsersAction) -> None:
     p = cmds.add_parser(
         "sensitivity",
@@ -223,10 +232,12 @@ def register(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     p.add_argument("--out", metavar="DIR", help="folder for the CSV, JSON and PNG")
     p.add_argument("--labels", nargs="+", default=[], help="one name per checkpoint")
-    p.add_argument("--ratios", type=_ratios, default=list(DEFAULT_RATIOS), metavar="R,R,...",
+    p.add_argument("--ratios", type=floats, default=list(DEFAULT_RATIOS), metavar="R,R,...",
                    help="fractions of filters to prune (default 0.1,...,0.9)")
     p.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
-                   help="only these layers (default: every prunable layer)")
+                   help="only these layers (default: every layer `compress prune "
+                        "--list-layers` shows, except the residual streams of torchvision "
+                        "ResNets, led by the stem conv or a downsample conv)")
     p.add_argument("--criterion", choices=("l1", "l2", "entropy"), default="l1",
                    help="which filters go first (Li: smallest L1)")
     p.add_argument("--device", default="auto", help="auto (each rank's own) | cpu | cuda")

@@ -18,17 +18,19 @@ import argparse
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from distgraft.tools.compress_cli import (
+from distgraft.tools.compress.common import (
     CompressError,
     Loaded,
-    _common,
     accuracy,
+    add_common_options,
     device_of,
     guarded,
     open_checkpoint,
     test_loader,
+    writable_file,
 )
 
 __all__ = ["register", "run_magnitude"]
@@ -107,6 +109,7 @@ def run_magnitude(args: argparse.Namespace) -> int:
     from distgraft.compress.counting import count
     from distgraft.compress.magnitude import encode_sparse
 
+    out = writable_file(Path(args.out))
     x = open_checkpoint(args.checkpoint)
     loader = test_loader(x, device_of(args.device), args.data_root) if args.eval else None
     dense_bytes = _file_bytes({k: v for k, v in x.model.state_dict().items()})
@@ -122,18 +125,18 @@ def run_magnitude(args: argparse.Namespace) -> int:
     layers = _layer_rows(total, masks)
     weights, kept = sum(total.values()), sum(r["kept"] for r in layers)
     row: dict[str, Any] = {
-        "checkpoint": x.path, "out": args.out, "compression": round(weights / max(kept, 1), 3),
+        "checkpoint": x.path, "out": str(out), "compression": round(weights / max(kept, 1), 3),
         "weights": weights, "weights_kept": kept,
         "params_before": params_before, "params_after": count(x.model, x.input_shape).params,
-        "dense_bytes": dense_bytes, "sparse_bytes": _file_bytes(sparse),
-        "acc_before": acc_before,
+        "dense_bytes": dense_bytes, "acc_before": acc_before,
         "acc_after": accuracy(x.model.to(loader.device), loader) if loader else None,
-        "layers": layers, "dead_units": dead,
+        "acc_split": "test" if loader else None, "layers": layers, "dead_units": dead,
     }  # fmt: skip
     x.model.cpu()
     report = {k: v for k, v in row.items() if k != "layers"}
-    save_compressed(args.out, None, arch, kind="sparse", config=x.state.get("config", ""),
+    save_compressed(out, None, arch, kind="sparse", config=x.state.get("config", ""),
                     report=report, source=x.path, sparse=sparse)  # fmt: skip
+    row["sparse_bytes"] = os.path.getsize(out)  # the file itself (it cannot hold its own size)
     _print(row, args.json)
     return 0
 
@@ -150,9 +153,11 @@ def _print(row: dict[str, Any], as_json: bool) -> None:
               f"{d['no_outputs']} without outputs, {d['removed']} of {d['units']} removed")
     print(f"weights {row['weights']:,} -> {row['weights_kept']:,}: "
           f"{row['compression']:.1f}x fewer connections")  # fmt: skip
-    print(f"on disk {row['dense_bytes']:,} B dense -> {row['sparse_bytes']:,} B sparse")
+    print(f"on disk {row['dense_bytes']:,} B dense weights -> {row['sparse_bytes']:,} B sparse "
+          "checkpoint")  # fmt: skip
     if row["acc_before"] is not None:
-        print(f"accuracy {row['acc_before']:.2f} -> {row['acc_after']:.2f} (no retraining)")
+        print(f"{row['acc_split']} accuracy {row['acc_before']:.2f} -> {row['acc_after']:.2f} "
+              "(no retraining)")  # fmt: skip
     print(f"wrote {row['out']}")
 
 
@@ -179,5 +184,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also prune the first conv (skipped by default: the most sensitive)")
     p.add_argument("--remove-dead", action="store_true",
                    help="remove units left without inputs or outputs (narrower layers)")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=guarded(run_magnitude), needs_out=True)
