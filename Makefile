@@ -68,6 +68,7 @@ bench: $(VENV)/.stamp
 	$(PY) bench/regularize.py
 	$(PY) bench/compress.py
 	$(PY) bench/restart.py
+	$(PY) bench/export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -18,6 +18,7 @@ COMMANDS = {
     "report": "distgraft.tools.report",
     "compare": "distgraft.tools.compare",
     "compress": "distgraft.tools.compress.cli",
+    "export": "distgraft.tools.export",
 }
 
 

@@ -139,7 +139,8 @@ def test_the_command_modules_are_found() -> None:
     names = {module_name(p) for p in COMMANDS}
     expected = {f"distgraft.tools.compress.{c}" for c in
                 ("prune", "info", "magnitude", "lowrank", "sensitivity", "trim")}  # fmt: skip
-    assert expected | {"distgraft.tools.analyze", "distgraft.tools.report"} <= names
+    expected |= {f"distgraft.tools.{c}" for c in ("analyze", "report", "compare", "export")}
+    assert expected <= names
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=rel)

@@ -37,7 +37,9 @@ from distgraft.models import build_model, is_known_model
 
 __all__ = [
     "FORMAT",
+    "KINDS",
     "CheckpointError",
+    "kind_of",
     "base_arch",
     "width_of",
     "read_checkpoint",
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 FORMAT = 1
+KINDS = ("train", "pruned", "lowrank", "sparse")
+"""The checkpoint kinds distgraft writes: ``train`` (``distgraft train``'s own checkpoints,
+which carry no ``kind``), and those of ``distgraft compress`` prune/trim, lowrank and
+magnitude (and the sparse.pt of a run that pruned while training)."""
 
 
 class CheckpointError(ValueError):
@@ -95,6 +101,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "written by distgraft train or distgraft compress"
         )
     return state
+
+
+def kind_of(state: dict[str, Any]) -> str:
+    """The checkpoint's kind (one of KINDS), or CheckpointError naming an unknown one."""
+    kind = state.get("kind", "train")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise CheckpointError(
+            f"unknown checkpoint kind {kind!r}; distgraft writes {', '.join(KINDS)} "
+            "(train: the checkpoints of distgraft train, which name no kind)"
+        )
+    return kind
 
 
 def config_of(state: dict[str, Any]) -> dict[str, Any]:
