@@ -163,14 +163,26 @@ def test_distributed_tears_down_when_the_body_raises(no_launcher) -> None:
 
 
 CLOSE_STOPS_THREADS = """
-import os, torch
+import os, time, torch
 from distgraft.comm.dist import close, init_distributed
 init_distributed(0, "gloo", 30)
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo
-gloo = lambda: [t for t in os.listdir("/proc/self/task")
-                if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+def gloo():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read())
+        except FileNotFoundError:  # the thread ended in between
+            pass
+    return [n for n in names if "gloo" in n]
+deadline = time.monotonic() + 10  # a loaded machine starts and names threads late
+while not gloo() and time.monotonic() < deadline:
+    time.sleep(0.05)
 assert gloo(), "the process group runs gloo threads"
 close()
+deadline = time.monotonic() + 10  # a loaded machine schedules the exiting threads late
+while gloo() and time.monotonic() < deadline:
+    time.sleep(0.05)
 print("gloo threads after close:", len(gloo()))
 """
 

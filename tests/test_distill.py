@@ -190,7 +190,7 @@ def test_a_lost_peer_is_named_by_the_mutual_exchange() -> None:
     for o in (outcomes[0], outcomes[2]):
         assert o.exc_type == "PeerError", o.error
         assert "network 1 (rank 1) did not answer the mutual-learning exchange" in o.error
-        assert "at epoch 2" in o.error and "network 0 (" not in o.error.split("did not")[0][-40:]
+        assert "at epoch 3" in o.error and "network 0 (" not in o.error.split("did not")[0][-40:]
 
 
 def _trainer_task(rank: int, world: int, networks: int, overrides: dict, teacher: str) -> dict:

@@ -137,7 +137,7 @@ def test_sigkill_during_ring_exchange_names_the_network(world: int, tmp_path: Pa
     for rank, (kind, message, seconds) in survivors(got, 1):
         assert kind == "PeerError", (rank, kind, message)
         assert_names_only(message, rank, lost=1, network=1)
-        assert "graft exchange at epoch 2" in message, message
+        assert "graft exchange at epoch 3" in message, message
         assert seconds < SHORT_S + SLACK_S, (rank, seconds)
 
 
@@ -157,7 +157,7 @@ def test_all_gather_failure_names_the_lost_rank_not_the_caller() -> None:
     for rank, (kind, message, seconds) in survivors(got, 1):
         assert kind == "PeerError", (rank, kind, message)
         assert_names_only(message, rank, lost=1, network=1)
-        assert "epoch 2" in message, message
+        assert "epoch 3" in message, message
         assert seconds < SHORT_S + SLACK_S, (rank, seconds)
 
 
@@ -189,7 +189,7 @@ def test_every_collective_names_a_peer_that_does_not_come(kind: str, tmp_path: P
     (_, (error, message, seconds)), = survivors(got, 1)  # fmt: skip
     assert error == "PeerError", (error, message)
     assert message.startswith("rank 0: network 1 (rank 1) did not reach "), message
-    assert "at epoch 5" in message and f"dist.timeout_s = {SHORT_S:g} s" in message, message
+    assert "at epoch 6" in message and f"dist.timeout_s = {SHORT_S:g} s" in message, message
     assert SHORT_S * 0.9 <= seconds < SHORT_S + SLACK_S, seconds
 
 
@@ -242,7 +242,7 @@ def test_lost_ddp_replica_names_its_network(tmp_path: Path) -> None:
     for rank, (kind, message, seconds) in survivors(got, 3):
         assert kind == "PeerError", (rank, kind, message)
         assert_names_only(message, rank, lost=3, network=1)
-        assert "at epoch 1" in message, message
+        assert "at epoch 2" in message, message
         assert seconds < 60, (rank, seconds)  # well before the epoch would have ended
     _, partner = next(s for s in survivors(got, 3) if s[0] == 2)
     assert "lost network 1 (rank 3), a replica of this network" in partner[1], partner[1]
@@ -303,7 +303,7 @@ def test_sigstop_names_the_network_at_the_end_of_epoch_barrier(tmp_path: Path) -
     assert (error["network"], error["epoch"]) == (0, 1), error
     message = error["message"]
     assert message.startswith("rank 0: network 1 (rank 1) did not reach the end-of-epoch "
-                              "barrier at epoch 1"), message  # fmt: skip
+                              "barrier at epoch 2"), message  # fmt: skip
     assert message.count("rank 0:") == 1, message
     assert f"dist.timeout_s = {E2E_TIMEOUT_S} s" in message, message
     waited = error["time"] - float(mark.read_text())

@@ -357,6 +357,7 @@ def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
     return pred()
 
 
+@pytest.mark.timeout(180)  # its waits add up on a loaded machine
 def test_a_forged_summary_cannot_end_the_monitor() -> None:
     keys = new_keys()
     with Collector(publish="tcp://127.0.0.1:0", keys=keys) as collector:

@@ -390,7 +390,7 @@ def _check_peer_errors(got: list[Outcome], absent: int, max_s: float) -> None:
         kind, message, seconds = o.value
         assert kind == "PeerError", (o.rank, kind)
         assert f"network {absent} (rank {absent}) did not reach" in message, message
-        assert "epoch 2" in message, message
+        assert "epoch 3" in message, message
         assert seconds <= max_s, (o.rank, seconds)
 
 

@@ -272,7 +272,7 @@ def test_tensorboard_after_kill_9_and_resume_equals_metrics(tmp_path: Path) -> N
     finally:
         agent.kill()
     assert agent.returncode == 0, out[-4000:]
-    assert f"resuming at epoch {frozen_at}: dropped" in out  # network 0's lines of that epoch
+    assert f"resuming after epoch {frozen_at}: dropped" in out  # network 0's lines of that epoch
     starts = [e for e in events(run_dir) if e["event"] == "start"]
     assert [s["epoch"] for s in starts] == [0, frozen_at]
     assert len(list((run_dir / "tb" / "net0").glob("events.out.tfevents.*"))) == 2

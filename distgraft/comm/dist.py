@@ -89,7 +89,18 @@ def _agree(store: dist.Store, rank: int, world: int, view: Any, timeout: timedel
         ) from e
     views = [json.loads(store.get(k).decode()) for k in keys]
     if any(v != views[0] for v in views):
+        _all_have_read(store, rank, world, timeout)
         raise Disagreement(views)
+
+
+def _all_have_read(store: dist.Store, rank: int, world: int, timeout: timedelta) -> None:
+    """Wait until every rank has read the views before exiting: the store may live in this
+    process or its node's agent, and a rank that leaves first takes it away from the
+    others before they could say what differs (they would die of a lost connection)."""
+    store.set(f"{_AGREE_KEY}/read/{rank}", "1")
+    with contextlib.suppress(Exception):  # a rank that died meanwhile: nothing more to wait for
+        store.wait([f"{_AGREE_KEY}/read/{r}" for r in range(world)],
+                   min(timeout, timedelta(seconds=30)))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def who(ranks: Sequence[int], replicas: int) -> str:
 
 
 def _at(what: str, epoch: int) -> str:
-    return what if epoch < 0 else f"{what} at epoch {epoch}"
+    return what if epoch < 0 else f"{what} at epoch {epoch + 1}"  # 1-based, as on the console
 
 
 @dataclass(frozen=True)
@@ -432,5 +432,5 @@ def replica_error(
     else:
         clause = f"training network {net} failed among its replicas ({who(others, replicas)})"
         tail = "They still answer: one of them hangs or runs a different schedule"
-    return PeerError(f"rank {rank}: {clause} at epoch {epoch} ({group}; dist.timeout_s = "
+    return PeerError(f"rank {rank}: {clause} at epoch {epoch + 1} ({group}; dist.timeout_s = "
                      f"{_timeout_s:g} s). {tail}. Cause: {_cause(cause)}")  # fmt: skip

@@ -301,12 +301,14 @@ class Collector:
         rejected = sum(s[r] for r in REJECT_REASONS)
         if (s["refused"], rejected) == self._published_counts:
             return
-        self._published_counts = (s["refused"], rejected)
         self._next_stats = now + STATS_INTERVAL_S
         counts = {"received": s["received"], "accepted": s["accepted"], "rejected": rejected}
         ev = make_event("collector", 0, self._epoch, **counts, refused=s["refused"])
-        with contextlib.suppress(zmq.ZMQError):
+        try:
             pub.send(pack_event(ev), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return  # not sent (queue full): the same counts go out at the next interval
+        self._published_counts = (s["refused"], rejected)
 
     def _handle(self, frames: list[bytes], pub: zmq.Socket | None) -> None:
         self._count("received")

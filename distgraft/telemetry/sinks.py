@@ -41,6 +41,8 @@ class ConsoleSink:
         self.epochs = epochs
 
     def emit(self, event: dict[str, Any]) -> None:
+        if event["event"] == "error" and "exit" in event:
+            return  # the command prints it as one line and exits with that code
         line = format_event(event, self.epochs)
         if line is None:
             return

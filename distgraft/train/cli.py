@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
                          agree=agreement_view(cfg),
                          replica_groups=cfg.distill.mutual) as info:  # fmt: skip
             return _train(cfg, info)
-    except Disagreement as e:
-        return _fail(describe_disagreement(e.views), _rank() == 0, 2)
+    except Disagreement as e:  # once per node: each node's log says what differs
+        return _fail(describe_disagreement(e.views), _local_rank() == 0, 2)
 
 
 def _train(cfg: Config, info) -> int:
@@ -152,9 +152,11 @@ def _train(cfg: Config, info) -> int:
         return 0
     except BaseException as e:
         epoch = _epoch_at(cfg, info.network, trainer)
-        telemetry.emit("error", info.network, epoch, message=_message(e, info.rank))
-        if isinstance(e, ResumeError | DivergedError):
-            return _fail(e, info.is_main, 2 if isinstance(e, ResumeError) else 1)
+        code = 2 if isinstance(e, ResumeError) else 1 if isinstance(e, DivergedError) else None
+        said = {} if code is None else {"exit": code}  # printed once below, not per network
+        telemetry.emit("error", info.network, epoch, message=_message(e, info.rank), **said)
+        if code is not None:
+            return _fail(e, info.is_main, code)
         raise
     finally:
         telemetry.close()
@@ -181,14 +183,16 @@ def _local_rank() -> int:
 
 def _epoch_at(cfg: Config, network: int, trainer) -> int:
     """The epoch an error came in: the trainer's, or before the trainer is ready (while it
-    resumes) the epoch the run continues from: after this network's latest checkpoint."""
+    resumes) the epoch the run is at: after the newest checkpoint of any network (a network
+    that lost its own files still reports the run's epoch)."""
     if trainer is not None:
         return trainer.epoch
     if not cfg.run.resume:
         return 0
     from distgraft.train.checkpoint import newest_epoch
 
-    return newest_epoch(cfg.run_dir / f"net{network}") + 1
+    folders = {cfg.run_dir / f"net{network}", *cfg.run_dir.glob("net[0-9]*")}
+    return max(newest_epoch(f) for f in folders) + 1
 
 
 def _message(e: BaseException, rank: int) -> str:

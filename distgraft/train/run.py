@@ -56,7 +56,7 @@ def _forget_retrained_epochs(cfg: Config, info: DistInfo, start_epoch: int) -> N
     if info.is_main:
         dropped = forget_epochs(cfg.run_dir / "metrics.jsonl", start_epoch)
         if dropped:
-            print(f"distgraft train: resuming at epoch {start_epoch}: dropped {dropped} "
+            print(f"distgraft train: resuming after epoch {start_epoch}: dropped {dropped} "
                   f"metrics.jsonl lines of epochs trained again", flush=True)  # fmt: skip
     barrier(info, cfg.dist.timeout_s, "metrics.jsonl before the resume", start_epoch)
 

@@ -527,6 +527,9 @@ class Trainer:
         if common < 0:
             return
         path = found.epochs[common].path
+        if found.problems:  # say what was passed over, and what the run goes on from
+            self._emit("warning", common + 1, message=(
+                f"{'; '.join(found.problems)}: resuming from {path} (epoch {common + 1})"))
         self.load_state_dict(checkpoint.load(path, self.device))
         self._rotate = path.name == "last.pt" and not any(self.health.bad_layers())
         if self.lead:
