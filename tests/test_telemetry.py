@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -569,6 +570,20 @@ def test_the_key_file_is_private_and_reads_back(tmp_path: Path) -> None:
 # -- bad telemetry addresses stop a run before it starts -----------------------------------
 
 
+def _wait_until_free(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
+
+
 def test_preflight_names_the_option_and_the_problem(tmp_path: Path, monkeypatch) -> None:
     from distgraft.config import ConfigError, TelemetryConfig
     from distgraft.telemetry.preflight import check_telemetry
@@ -594,6 +609,7 @@ def test_preflight_names_the_option_and_the_problem(tmp_path: Path, monkeypatch)
         check_telemetry(TelemetryConfig(address=f"ipc://{tmp_path}/collector", publish=""))
     finally:
         taken.close()
+    _wait_until_free(port)  # libzmq closes in its I/O thread: the port comes back a bit later
     c = Collector(f"tcp://127.0.0.1:{port}", publish=None).start()  # the checks let go
     c.stop()
     monkeypatch.setattr(zmq, "has", lambda feature: feature != "curve")  # a libzmq without it
