@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 NPROC  ?= 2
+# pytest workers: test files are dealt to them whole (a module's fixtures are built once)
+TEST_WORKERS ?= 2
 
 # Fashion-MNIST: Debian's package puts the four IDX .gz files here (data.root's default).
 FASHION_PKG   := dataset-fashion-mnist
@@ -29,7 +31,7 @@ lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # A real 2-node compose cluster: build, demo, kill -9 of agents mid-run (docker/cluster_test.py).
 test-cluster: $(VENV)/.stamp

@@ -357,6 +357,24 @@ def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
     return pred()
 
 
+def test_a_monitor_started_after_a_refusal_still_shows_the_count() -> None:
+    """The counts go out when they change; a monitor that subscribes later gets them too."""
+    keys = new_keys()
+    with Collector(publish="tcp://127.0.0.1:0", keys=keys) as collector:
+        run_sink = ZmqSink(collector.address, keys=keys.client())
+        stranger = ZmqSink(collector.address, linger_ms=0)
+        try:
+            stranger.emit(forged_summary())
+            assert wait_for(lambda: collector.stats()["refused"] >= 1)
+            time.sleep(1.5)  # the counts were published, to nobody
+            mon = InProcessMonitor(collector.publish_address, timeout=20.0)
+            mon.until("collector refused ", ping(run_sink), timeout=30.0)
+        finally:
+            run_sink.close()
+            stranger.close()
+    assert mon.thread.is_alive() or mon.result
+
+
 @pytest.mark.timeout(180)  # its waits add up on a loaded machine
 def test_a_forged_summary_cannot_end_the_monitor() -> None:
     keys = new_keys()

@@ -115,6 +115,7 @@ class Collector:
         self._ctx: zmq.Context | None = None
         self._start_frame: bytes | None = None  # the latest start event, as received
         self._start_wanted = False  # a monitor subscribed since the last resend
+        self._stats_wanted = False  # a monitor subscribed since the counts went out
         self._next_start = 0.0
         self._epoch = 0  # the latest epoch seen: the stamp of ``collector`` events
         self._published_counts: tuple[int, int] = (0, 0)
@@ -282,7 +283,7 @@ class Collector:
         with contextlib.suppress(zmq.Again):
             for _ in range(100):
                 if pub.recv(zmq.NOBLOCK)[:1] == b"\x01":  # a subscription (0: its end)
-                    self._start_wanted = True
+                    self._start_wanted = self._stats_wanted = True
 
     def _resend_start(self, pub: zmq.Socket) -> None:
         """A new subscriber gets the run's start event again (if there was one)."""
@@ -299,8 +300,9 @@ class Collector:
             return
         s = self.stats()
         rejected = sum(s[r] for r in REJECT_REASONS)
-        if (s["refused"], rejected) == self._published_counts:
-            return
+        now_counts = (s["refused"], rejected)
+        if now_counts == self._published_counts and not (self._stats_wanted and any(now_counts)):
+            return  # nothing new, and every subscriber has these counts
         self._next_stats = now + STATS_INTERVAL_S
         counts = {"received": s["received"], "accepted": s["accepted"], "rejected": rejected}
         ev = make_event("collector", 0, self._epoch, **counts, refused=s["refused"])
@@ -308,7 +310,7 @@ class Collector:
             pub.send(pack_event(ev), zmq.NOBLOCK)
         except zmq.ZMQError:
             return  # not sent (queue full): the same counts go out at the next interval
-        self._published_counts = (s["refused"], rejected)
+        self._published_counts, self._stats_wanted = now_counts, False
 
     def _handle(self, frames: list[bytes], pub: zmq.Socket | None) -> None:
         self._count("received")
