@@ -59,6 +59,8 @@ def test_resume_takes_the_newest_epoch_every_network_can_load() -> None:
     assert choose_epoch([_found(0, {}), _found(1, {})]) == -1  # a new run folder
     # A corrupt last.pt of network 1: both go back to the epoch of its prev.pt.
     assert choose_epoch([_found(0, {3: True, 4: True}), _found(1, {3: True})]) == 3
+    # Killed while the first epoch was being saved: network 0 never wrote a file.
+    assert choose_epoch([_found(0, {}), _found(1, {0: True})]) == -1
 
 
 def test_resume_prefers_an_epoch_at_which_some_network_is_finite() -> None:
@@ -74,6 +76,8 @@ def test_resume_prefers_an_epoch_at_which_some_network_is_finite() -> None:
         ([_found(0, {3: True}), _found(1, {}, problems=["net1/last.pt cannot be read (x)"])],
          "network 1 (rank 1) has nothing to resume from (net1/last.pt cannot be read"),
         ([_found(0, {3: True}), _found(1, {})], "no last.pt or prev.pt in net1"),
+        ([_found(0, {0: True}), _found(1, {}, problems=["net1/last.pt cannot be read (x)"])],
+         "net1/last.pt cannot be read"),
         ([_found(0, {}, problems=["net0/last.pt cannot be read"]), _found(1, {})],
          "no checkpoint can be resumed from: net0/last.pt"),
         ([_found(0, {1: True}), _found(1, {4: True})], "no epoch in common"),

@@ -228,6 +228,8 @@ def choose_epoch(every: list[Found]) -> int:
                 "start afresh with --run.resume=false"
             )
         return -1
+    if _killed_in_the_first_save(every):
+        return -1
     for f in every:
         if not f.epochs:
             have = next(g for g in every if g.epochs)
@@ -247,6 +249,16 @@ def choose_epoch(every: list[Found]) -> int:
     newest = sorted(common, reverse=True)
     finite = [e for e in newest if any(f.epochs[e].finite for f in every)]
     return (finite or newest)[0]
+
+
+def _killed_in_the_first_save(every: list[Found]) -> bool:
+    """Some networks saved the first epoch and the others never wrote a file: the run was
+    killed while the first epoch was being saved (networks save an epoch before any of them
+    trains the next, so this is the only way to get there without deleting files). No
+    epoch was ever saved by every network, so starting afresh loses nothing resumable."""
+    return all(
+        (not f.epochs and not f.problems) or set(f.epochs) == {0} for f in every
+    )
 
 
 def _epochs(f: Found) -> str:
