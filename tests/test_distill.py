@@ -261,9 +261,9 @@ def test_cultivation_with_mutual_learning_resumes_after_kill_9_bit_identically(t
     cmd = torchrun_cmd(2, *common(tmp_path, "killed", epochs), *extra, restarts=1)
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    first = tmp_path / "killed" / "net1" / "last.pt"
+    saved = [tmp_path / "killed" / f"net{k}" / "last.pt" for k in (0, 1)]  # epoch 1, both
     deadline = time.time() + 200
-    while not first.exists() and time.time() < deadline and agent.poll() is None:
+    while not all(p.exists() for p in saved) and time.time() < deadline and agent.poll() is None:
         time.sleep(0.02)
     victim = worker_with_rank(agent.pid, 1)
     assert victim is not None, "worker of rank 1 not found"

@@ -61,6 +61,7 @@ def test_resume_takes_the_newest_epoch_every_network_can_load() -> None:
     assert choose_epoch([_found(0, {3: True, 4: True}), _found(1, {3: True})]) == 3
     # Killed while the first epoch was being saved: network 0 never wrote a file.
     assert choose_epoch([_found(0, {}), _found(1, {0: True})]) == -1
+    assert choose_epoch([_found(0, {0: True}), _found(1, {0: True})]) == 0  # both saved it
 
 
 def test_resume_prefers_an_epoch_at_which_some_network_is_finite() -> None:

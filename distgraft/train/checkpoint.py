@@ -256,9 +256,8 @@ def _killed_in_the_first_save(every: list[Found]) -> bool:
     killed while the first epoch was being saved (networks save an epoch before any of them
     trains the next, so this is the only way to get there without deleting files). No
     epoch was ever saved by every network, so starting afresh loses nothing resumable."""
-    return all(
-        (not f.epochs and not f.problems) or set(f.epochs) == {0} for f in every
-    )
+    never_saved = [f for f in every if not f.epochs and not f.problems]
+    return bool(never_saved) and all(f in never_saved or set(f.epochs) == {0} for f in every)
 
 
 def _epochs(f: Found) -> str:
