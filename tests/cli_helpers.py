@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from dist_helpers import free_port
 
 __all__ = ["ROOT", "DIGITS", "env", "torchrun_cmd", "common", "events", "run", "worker_with_rank"]
@@ -75,3 +76,20 @@ def worker_with_rank(agent: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in environ:
             return pid
     return None
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (root ignores permissions: /sys then)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return folder
+    (folder / "probe").unlink()
+    try:
+        (Path("/sys") / "distgraft-probe").touch()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no folder here refuses writes")

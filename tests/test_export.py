@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from cli_helpers import ROOT, env
+from cli_helpers import ROOT, env, read_only_folder
 from compress_helpers import CIFAR, DIGITS, compress_here, write_checkpoint
 
 from distgraft.cli import main
@@ -199,19 +199,6 @@ def test_every_model_family_exports_with_a_dynamic_batch(name: str, shape) -> No
         assert compare(model, sess, shape, batch).ok(1e-4)
 
 
-def unwritable_folder(tmp_path: Path) -> Path:
-    """A folder this process cannot create files in (root ignores modes: /sys then)."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        (folder / "probe").touch()
-    except PermissionError:
-        return folder
-    (folder / "probe").unlink()
-    return Path("/sys")
-
-
 @pytest.mark.parametrize(
     ("case", "expect"),
     [
@@ -246,7 +233,7 @@ def test_bad_input_exits_2_with_one_line_before_any_work(
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "sub" / "out.onnx"
     elif case == "unwritable folder":
-        out = unwritable_folder(tmp_path) / "out.onnx"
+        out = read_only_folder(tmp_path) / "out.onnx"
     elif case == "a folder":
         out = tmp_path / "dir.onnx"
         out.mkdir()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import ROOT, common, env, events, run, torchrun_cmd
+from cli_helpers import ROOT, common, env, events, read_only_folder, run, torchrun_cmd
 from compress_helpers import (
     CIFAR,
     DIGITS,
@@ -467,23 +467,6 @@ def test_a_run_without_validation_split_decides_on_training_images_and_says_so(
     assert dropped(json.loads(proc.stdout)) == hu_rule(model, default_val)
     notes = [line for line in proc.stderr.splitlines() if "trained on" in line]
     assert len(notes) == 1 and "data.val_size = 0" in notes[0], proc.stderr
-
-
-def read_only_folder(tmp_path: Path) -> Path:
-    """A folder this process cannot write into (root ignores permissions: /sys then)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        (folder / "probe").touch()
-    except OSError:
-        return folder
-    (folder / "probe").unlink()
-    try:
-        (Path("/sys") / "distgraft-probe").touch()
-    except OSError:
-        return Path("/sys")
-    pytest.skip("no folder here refuses writes")
 
 
 BAD_OUT = {
