@@ -12,7 +12,9 @@ windows' per-step times):
   KD term). No target: it is what a teacher costs.
 * **mutual:** two processes (gloo, one thread each, 2 networks as in the paper); the loss
   with ``distill.mutual`` (one all_gather of the [batch, classes] logits per step and the
-  KL terms) against without. ``ratio`` = with / without; target <= 1.05.
+  KL terms) against without. Every window starts and ends with a barrier of both
+  networks, as an epoch ends with one in a run, so both modes are timed until the slower
+  network is done. ``ratio`` = with / without; target <= 1.05.
 
     .venv/bin/python bench/distill.py           # about 3 minutes on a 2-core CPU
 """
@@ -50,15 +52,22 @@ def _config(opts: dict, name: str, mutual: bool, teacher: str | None):
     )  # fmt: skip
 
 
-def _windows(trainer, toggle, opts: dict) -> dict[str, list[float]]:
-    """Per-step seconds of alternating windows with the method on and off."""
+def _windows(trainer, toggle, opts: dict, sync=lambda: None) -> dict[str, list[float]]:
+    """Per-step seconds of alternating windows with the method on and off.
+
+    ``sync`` (a barrier across the networks) starts every window together and ends it when
+    the last network is done, as the end-of-epoch barrier ends an epoch in a run: without
+    it, the drift between independent networks in an "off" window would be charged to the
+    next "on" window, whose first exchange waits for the slower network."""
     times: dict[str, list[float]] = {"on": [], "off": []}
     trainer.train_epoch(0, max_steps=2)  # warm-up
     for i in range(2 * opts["pairs"]):
         state = "on" if i % 2 == 0 else "off"
         toggle(state == "on")
+        sync()
         start = time.perf_counter()
         trainer.train_epoch(i + 1, max_steps=opts["window"])
+        sync()
         times[state].append((time.perf_counter() - start) / opts["window"])
     return times
 
@@ -107,7 +116,10 @@ def mutual_worker(rank: int, world: int, port: int, opts: dict, results) -> None
         def toggle(on: bool) -> None:  # every rank toggles at the same step: in step
             objective.peers = peers if on else None
 
-        results.put((rank, _windows(trainer, toggle, opts)))
+        def sync() -> None:
+            barrier(info, TIMEOUT_S, "a window")
+
+        results.put((rank, _windows(trainer, toggle, opts, sync)))
     except BaseException as e:
         results.put((rank, f"{type(e).__name__}: {e}"))
     finally:
