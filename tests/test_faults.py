@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from cli_helpers import DIGITS, ROOT, common, env, events, run, torchrun_cmd
-from dist_helpers import Outcome, shared_pool
+from dist_helpers import Outcome, graft_once_then_shorten, shared_pool
 from torch import nn
 
 from distgraft.comm.dist import (
@@ -108,8 +108,8 @@ def exchange_kill_task(rank: int, world: int, folder: str) -> tuple[str, str, fl
     """Graft 1 runs normally; at graft 2 rank 1 dies as it posts its sends and receives,
     and the others post theirs only once it is gone (a connection already closed)."""
     info = init_distributed(0, "gloo", INIT_S)
-    grafter = Grafter(small_net(rank), info, GraftConfig(), SHORT_S)
-    grafter.step(1)
+    grafter = Grafter(small_net(rank), info, GraftConfig(), INIT_S)
+    graft_once_then_shorten(grafter, 1, SHORT_S)
     pid_file = Path(folder, "victim.pid")
     if rank == 1:
         pid_file.write_text(str(os.getpid()))
@@ -149,8 +149,8 @@ def test_sigkill_during_ring_exchange_names_the_network(world: int, tmp_path: Pa
 # -- a rank killed inside the all_gather of the criteria ---------------------------------
 def all_gather_kill_task(rank: int, world: int) -> tuple[str, str, float]:
     info = init_distributed(0, "gloo", INIT_S)
-    grafter = Grafter(small_net(rank), info, GraftConfig(), SHORT_S)
-    grafter.step(1)
+    grafter = Grafter(small_net(rank), info, GraftConfig(), INIT_S)
+    graft_once_then_shorten(grafter, 1, SHORT_S)
     if rank == 1:
         die_when_calling("all_gather")
     return attempt(grafter.step, 2)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_helpers import Outcome, shared_pool, to_numpy, values
+from dist_helpers import Outcome, graft_once_then_shorten, shared_pool, to_numpy, values
 from torch import Tensor, nn
 
 from distgraft.comm.dist import init_distributed
@@ -135,9 +135,9 @@ def mismatch_task(rank: int, world: int, odd_rank: int, variant: str) -> tuple:
 
 def missing_peer_task(rank: int, world: int, absent: int, how: str, folder: str) -> tuple:
     """Epoch 1 grafts normally; at epoch 2 rank ``absent`` sleeps or exits."""
-    info = init_distributed(0, "gloo", SHORT_TIMEOUT_S)
-    grafter = Grafter(make_net(seed_of(info.network)), info, GraftConfig(), SHORT_TIMEOUT_S)
-    grafter.step(1)
+    info = init_distributed(0, "gloo", TIMEOUT_S)
+    grafter = Grafter(make_net(seed_of(info.network)), info, GraftConfig(), TIMEOUT_S)
+    graft_once_then_shorten(grafter, 1, SHORT_TIMEOUT_S)
     if rank == absent:
         if how == "exit":
             os._exit(0)
