@@ -219,8 +219,9 @@ def replica_kill_task(rank: int, world: int, run_dir: str) -> tuple[str, str, fl
         graft={"networks": 2},
         dist={"timeout_s": SHORT_S},
     )
+    from distgraft.train.trainer import Trainer  # before the rendezvous: imports take seconds
+
     info = init_distributed(2, "gloo", INIT_S)
-    from distgraft.train.trainer import Trainer
 
     class Quiet:
         def emit(self, *args, **fields) -> None:
